@@ -1,0 +1,171 @@
+"""python -m sweeps {list, run, show}: the command line of the sweep runner.
+
+Bad input ends with exit status 2 and one line naming the field and the reason, before
+anything is compiled or written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+EXIT_BAD_INPUT = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        sys.stderr.write(f"error: {message}\n")
+        raise SystemExit(EXIT_BAD_INPUT)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m sweeps", description="Grids of training runs as compiled programs.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub.add_parser("list", help="list the sweeps in sweeps/configs")
+    r = sub.add_parser("run", help="run a sweep into a Zarr store (resuming if it exists)")
+    r.add_argument("name", help="a sweep in sweeps/configs, or a path to a config .py file")
+    r.add_argument("--out", default="results", help="a store path ending in .zarr (any fsspec URL) or a directory for NAME.zarr")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=V[,V...]", help="override a setting or grid axis")
+    r.add_argument("--fresh", action="store_true", help="discard an existing store and start over")
+    r.add_argument("--chunk", type=int, default=None, help="runs per chunk (default: sized to device memory)")
+    r.add_argument("--devices", type=int, default=None, help="simulate this many CPU devices")
+    r.add_argument("--distributed", action="store_true", help="use JAX's multi-process runtime")
+    r.add_argument("--coordinator", default=None, help="host:port of process 0 (--distributed)")
+    r.add_argument("--num-processes", type=int, default=None)
+    r.add_argument("--process-id", type=int, default=None)
+    r.add_argument("--quiet", action="store_true", help="no progress bar")
+    s = sub.add_parser("show", help="summarize a store: axes, variables, status, diverged runs")
+    s.add_argument("path")
+    return p
+
+
+def store_url(out: str, name: str) -> str:
+    stem = os.path.splitext(os.path.basename(name))[0] if name.endswith(".py") else name
+    if out.rstrip("/").endswith(".zarr"):
+        return out.rstrip("/")
+    return out.rstrip("/") + f"/{stem}.zarr"
+
+
+def cmd_list() -> int:
+    from sweeps.spec import config_names, load_sweep
+
+    names = config_names()
+    width = max(map(len, names), default=0)
+    for n in names:
+        sw = load_sweep(n)
+        print(f"{n:<{width}}  {sw.description}")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from sweeps import runner
+    from sweeps import store as _store
+    from sweeps.spec import build_specs, load_sweep, parse_overrides, resolve
+
+    if args.chunk is not None and args.chunk < 1:
+        raise _BadInput(f"--chunk: must be at least 1, got {args.chunk}")
+    if args.devices is not None and args.devices < 1:
+        raise _BadInput(f"--devices: must be at least 1, got {args.devices}")
+    sweep = load_sweep(args.name)
+    res = resolve(sweep, parse_overrides(args.set))
+    url = store_url(args.out, args.name)
+    _store.check_writable(url)
+    runner.configure_jax(args.devices)
+    dist = None
+    if args.distributed:
+        dist = runner.Distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    specs = build_specs(res)
+    summary = runner.execute(
+        res, specs, url, fresh=args.fresh, chunk_runs=args.chunk, dist=dist, progress=not args.quiet
+    )
+    if dist is None or dist.index == 0:
+        print_summary(res, summary)
+    return 0
+
+
+def print_summary(res, s) -> None:
+    rate = s.runs_now / s.run_seconds if s.run_seconds > 0 else float("nan")
+    resumed = f", {s.runs_resumed} already done" if s.runs_resumed else ""
+    print(f"sweep {res.sweep.name}: {s.runs} runs ({s.runs_now} run now{resumed}), {s.diverged} diverged")
+    print(
+        f"compile {s.compile_seconds:.1f} s ({s.programs} programs), run {s.run_seconds:.1f} s "
+        f"({rate:.2f} runs/s) on {s.devices} x {s.device_kind}"
+        + (f", {s.processes} processes" if s.processes > 1 else "")
+    )
+    print(f"results: {s.url}")
+    print(f"open with: python -c \"import xarray as xr; print(xr.open_zarr('{s.url}'))\"")
+
+
+def cmd_show(args) -> int:
+    import json
+
+    import numpy as np
+
+    from sweeps import store as _store
+
+    if not _store.exists(args.path):
+        raise _BadInput(f"path: no store at {args.path}")
+    import xarray as xr
+
+    ds = xr.open_zarr(args.path)
+    attrs = ds.attrs
+    status = ds["status"].values
+    n = status.size
+    done, div, todo = int(np.sum(status == 0)), int(np.sum(status == 1)), int(np.sum(status < 0))
+    print(f"{args.path}: sweep {attrs.get('sweep')} ({attrs.get('scale', 'default')} scale), {n} runs")
+    print(f"  status: {done} finished, {div} diverged, {todo} not run" + ("" if attrs.get("complete") else "  [incomplete]"))
+    axes = [d for d in ds["status"].dims]
+    print("  axes:   " + ", ".join(f"{a}[{ds.sizes[a]}]" for a in axes))
+    for a in axes:
+        vals = ds[a].values
+        shown = ", ".join(str(v) for v in vals[:8]) + (", ..." if len(vals) > 8 else "")
+        print(f"    {a}: {shown}")
+    print(f"  steps:  {ds.sizes.get('step', 0)} records, {int(ds.step[0])}..{int(ds.step[-1])}")
+    names = [v for v in ds.data_vars if v not in ("status", "diverged_step")]
+    print("  variables: " + ", ".join(f"{v}({','.join(d for d in ds[v].dims if d not in axes)})" for v in names))
+    print(
+        f"  compile {float(attrs.get('compile_seconds', 0)):.1f} s, run {float(attrs.get('run_seconds', 0)):.1f} s"
+        f" on {attrs.get('device_count')} x {attrs.get('device_kind')}; commit {attrs.get('git_commit')}"
+    )
+    if div:
+        flat = ds["diverged_step"].where(ds["status"] == 1).stack(run=axes).dropna("run")
+        print(f"  diverged runs ({div}):")
+        for i in range(min(div, 10)):
+            r = flat.isel(run=i)
+            where = ", ".join(f"{a}={r[a].item()}" for a in axes)
+            print(f"    {where}: step {int(r.item())}")
+        if div > 10:
+            print(f"    ... and {div - 10} more")
+    settings = json.loads(attrs.get("spec", "{}")).get("settings", {})
+    if settings:
+        print("  settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()))
+    return 0
+
+
+class _BadInput(ValueError):
+    pass
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    from dynamics.data import DataError
+    from sweeps.spec import SpecError
+    from sweeps.store import StoreError
+
+    try:
+        if args.command == "list":
+            return cmd_list()
+        if args.command == "run":
+            return cmd_run(args)
+        return cmd_show(args)
+    except (SpecError, StoreError, DataError, _BadInput) as e:
+        sys.stderr.write(f"error: {str(e).strip().splitlines()[0]}\n")
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted: finished chunks are kept; run the same command to resume\n")
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

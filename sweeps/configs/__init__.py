@@ -1,0 +1,1 @@
+"""One module per experiment, each defining SWEEP (see sweeps/spec.py)."""

@@ -1,0 +1,609 @@
+"""The sweep runner: a grid of runs as a few compiled, vectorized, sharded programs.
+
+1. Groups: one per static point (and per batch size when runs are bucketed by it); each group
+   is one program, `jit(vmap(run))`, compiled once.
+2. Chunks: each group's runs are cut into equal rectangular blocks of the grid, sized to the
+   device memory; a chunk's run axis is sharded over every local device (one-axis mesh),
+   padded to a multiple of the device count, and its results are written into its own region
+   (and Zarr chunks) of the store, then marked done.
+3. Resume: chunks marked done are skipped. Several processes (`--distributed`) take disjoint
+   chunks (chunk i goes to process i mod P); process 0 creates the store and finishes it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import itertools
+import math
+import os
+import subprocess
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from sweeps import store as _store
+from sweeps.spec import Resolved, SpecError
+
+CPU_CHUNK_CAP = 256
+ACCELERATOR_CHUNK_CAP = 16384
+
+
+# --------------------------------------------------------------------------- JAX set-up
+
+
+def cache_dir() -> str | None:
+    if os.environ.get("DYNAMICS_NO_CACHE"):
+        return None
+    base = os.environ.get("DYNAMICS_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "dynamics", "jax"
+    )
+    return base
+
+
+def configure_jax(cpu_devices: int | None = None) -> None:
+    """Persistent compilation cache, and simulated CPU devices if asked (before JAX starts)."""
+    import jax
+
+    if cpu_devices:
+        jax.config.update("jax_num_cpu_devices", int(cpu_devices))
+    path = cache_dir()
+    if path:
+        jax.config.update("jax_compilation_cache_dir", path)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+@dataclasses.dataclass
+class Distributed:
+    """JAX's multi-process runtime: which process this is, and its key-value store."""
+
+    index: int = 0
+    count: int = 1
+    client: Any = None
+
+    @classmethod
+    def initialize(cls, coordinator=None, num_processes=None, process_id=None) -> Distributed:
+        import jax
+
+        jax.distributed.initialize(
+            coordinator_address=coordinator, num_processes=num_processes, process_id=process_id
+        )
+        from jax._src import distributed as _dist
+
+        return cls(jax.process_index(), jax.process_count(), _dist.global_state.client)
+
+    def put(self, key: str, value: str) -> None:
+        if self.client is not None:
+            self.client.key_value_set(key, value)
+
+    def get(self, key: str, timeout_s: float = 3600) -> str:
+        return self.client.blocking_key_value_get(key, int(timeout_s * 1000))
+
+    def barrier(self, name: str, timeout_s: float = 24 * 3600) -> None:
+        if self.client is not None:
+            self.client.wait_at_barrier(name, int(timeout_s * 1000))
+
+
+# --------------------------------------------------------------------------- layout
+
+
+@dataclasses.dataclass(frozen=True)
+class Group:
+    index: tuple[int, ...]  # index of the group along the group axes
+    point: dict[str, Any]  # static settings of the group
+    spec: Any  # RunSpec with the group's static batch
+
+
+@dataclasses.dataclass(frozen=True)
+class Chunk:
+    id: int
+    group: int
+    region: tuple[slice, ...]  # over the grid axes (static + traced)
+
+
+@dataclasses.dataclass
+class Plan:
+    res: Resolved
+    axes: list[str]  # static axes then traced axes
+    coords: dict[str, list]
+    strategy: str  # "bucket" or "mask"
+    groups: list[Group]
+    block: dict[str, int]  # chunk length along every axis
+    chunks: list[Chunk]
+    n_layers: int
+    n_sv: int
+    steps: np.ndarray
+    dims: dict[str, tuple[str, ...]]  # variable -> dims beyond the grid axes
+    docs: dict[str, str]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(len(self.coords[a]) for a in self.axes)
+
+    @property
+    def chunk_runs(self) -> int:
+        return math.prod(self.block[a] for a in self.axes)
+
+
+def choose_strategy(res: Resolved, specs) -> str:
+    """Bucket runs by batch size (one program per size, each computing only its own batch)
+    unless there is one size or the sweep says otherwise; masking computes every run at the
+    largest size. `make bench` measures both."""
+    if res.batch_strategy != "auto":
+        return res.batch_strategy
+    if len(res.grid["batch_size"]) == 1 or specs[0][1].sampling == "full":
+        return "mask"
+    return "bucket"
+
+
+def activation_floats(spec) -> int:
+    """Floats of every intermediate of one example's forward pass (an upper bound on what a
+    backward pass keeps), read off the jaxpr."""
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.zeros((2,) + tuple(spec.data.x_train.shape[1:]), jnp.float32)
+    params = jax.eval_shape(spec.model.init, jax.random.key(0))
+    jaxpr = jax.make_jaxpr(lambda p, x: spec.model.apply(p, x, None))(params, x)
+    total = 0
+    for eqn in jaxpr.eqns:
+        for v in eqn.outvars:
+            total += math.prod(getattr(v.aval, "shape", ())) or 1
+    return max(1, total // 2)
+
+
+def estimate_run_bytes(spec, trace_floats: int) -> int:
+    """Device bytes one run of a vmapped chunk needs (parameters, optimizer and gradient copies,
+    activations of a training batch and of the evaluation pass, its records)."""
+    import jax
+
+    params = jax.eval_shape(spec.model.init, jax.random.key(0))
+    n_params = sum(math.prod(p.shape) for p in jax.tree.leaves(params))
+    act = activation_floats(spec)
+    n_eval = min(spec.eval_size or spec.data.x_train.shape[0], spec.data.x_train.shape[0])
+    floats = 10 * n_params + 3 * spec.static_batch * act + 2 * n_eval * act + trace_floats
+    floats += spec.data.x_train[:1].size * spec.static_batch
+    return 4 * floats
+
+
+def memory_budget() -> tuple[int, int]:
+    """(bytes a chunk may use, cap on runs per chunk) for the local devices."""
+    import jax
+
+    dev = jax.local_devices()[0]
+    if dev.platform == "cpu":
+        try:
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError):
+            total = 8 << 30
+        return int(0.25 * total), CPU_CHUNK_CAP
+    stats = dev.memory_stats() or {}
+    limit = stats.get("bytes_limit", 16 << 30)
+    return int(0.5 * limit) * len(jax.local_devices()), ACCELERATOR_CHUNK_CAP
+
+
+def _block_shape(axes: list[str], shape: dict[str, int], fixed: set[str], target: int) -> dict[str, int]:
+    """Largest rectangular block of at most `target` runs: whole trailing axes, part of one."""
+    block = {a: 1 for a in axes}
+    prod = 1
+    for a in reversed(axes):
+        if a in fixed:
+            continue
+        n = shape[a]
+        if prod * n <= target:
+            block[a] = n
+            prod *= n
+        else:
+            block[a] = max(1, target // prod)
+            break
+    return block
+
+
+def plan(res: Resolved, specs: list, chunk_runs: int | None = None, layout: dict | None = None) -> Plan:
+    from dynamics.train import OBSERVABLES, describe
+
+    strategy = layout["strategy"] if layout else choose_strategy(res, specs)
+    static_axes = res.static_axes
+    grid_axes = res.grid_axes
+    axes = static_axes + grid_axes
+    coords = {**res.static, **res.grid}
+    observables = specs[0][1].observables
+    steps = specs[0][1].record_steps()
+    for _, s in specs[1:]:
+        if s.observables != observables or not np.array_equal(s.record_steps(), steps):
+            raise SpecError("static: every static point must record the same observables and steps")
+
+    groups: list[Group] = []
+    bucket = strategy == "bucket"
+    bs_values = res.grid["batch_size"]
+    static_index = list(itertools.product(*[range(len(v)) for v in res.static.values()])) or [()]
+    for idx, (point, spec) in zip(static_index, specs, strict=True):
+        if bucket:
+            for j, bs in enumerate(bs_values):
+                groups.append(Group(idx + (j,), point, dataclasses.replace(spec, batch=int(bs))))
+        elif spec.sampling == "full":
+            groups.append(Group(idx, point, spec))
+        else:
+            groups.append(Group(idx, point, dataclasses.replace(spec, batch=int(max(bs_values)))))
+
+    import jax
+
+    from dynamics import observables as obs
+
+    n_layers = n_sv = 0
+    for g in groups:
+        shapes = jax.eval_shape(g.spec.model.init, jax.random.key(0))
+        n_layers = max(n_layers, len(shapes))
+        n_sv = max(n_sv, obs.max_singular_values(shapes))
+    dims = {n: d[1:] for n, d in describe(groups[0].spec).items() if d}
+    dims = {n: ("step",) + d for n, d in dims.items()}
+    dims.update(status=(), diverged_step=())
+    sizes = {"step": len(steps), "layer": n_layers, "sv_index": n_sv}
+    trace_floats = sum(math.prod(sizes[d] for d in dd) for dd in dims.values())
+
+    shape = {a: len(coords[a]) for a in axes}
+    fixed = set(static_axes) | ({"batch_size"} if bucket else set())
+    if layout:
+        block = dict(layout["block"])
+    else:
+        if chunk_runs is None:
+            budget, cap = memory_budget()
+            per_run = max(estimate_run_bytes(g.spec, trace_floats) for g in groups)
+            chunk_runs = max(1, min(cap, budget // per_run))
+        block = _block_shape(axes, shape, fixed, int(chunk_runs))
+
+    chunks: list[Chunk] = []
+    group_axes = static_axes + (["batch_size"] if bucket else [])
+    for gi, g in enumerate(groups):
+        gidx = dict(zip(group_axes, g.index, strict=True))
+        ranges = []
+        for a in axes:
+            if a in gidx:
+                ranges.append([slice(gidx[a], gidx[a] + 1)])
+            else:
+                n, b = shape[a], block[a]
+                ranges.append([slice(i, min(i + b, n)) for i in range(0, n, b)])
+        for region in itertools.product(*ranges):
+            chunks.append(Chunk(len(chunks), gi, tuple(region)))
+    docs = {n: OBSERVABLES[n].doc for n in dims if n in OBSERVABLES}
+    docs.update(
+        status="-1 not run, 0 finished, 1 diverged",
+        diverged_step="step whose loss or update was non-finite; -1 if none",
+    )
+    return Plan(res, axes, coords, strategy, groups, block, chunks, n_layers, n_sv, steps, dims, docs)
+
+
+# --------------------------------------------------------------------------- the store
+
+
+def _coord_array(values: list) -> np.ndarray:
+    if all(isinstance(v, bool) for v in values):
+        return np.asarray(values, bool)
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        return np.asarray(values, np.int64)
+    if all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+        return np.asarray(values, np.float64)
+    return np.asarray(["none" if v is None else str(v) for v in values])
+
+
+def package_versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {}
+    for name in ("dynamics", "jax", "jaxlib", "optax", "diffrax", "numpy", "xarray", "zarr", "flax"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def git_commit() -> str:
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5, check=True
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=here, capture_output=True, text=True, timeout=5, check=False,
+        ).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def create_store(url: str, p: Plan, dist: Distributed) -> None:
+    import jax
+
+    coords = {a: _coord_array(p.coords[a]) for a in p.axes}
+    coords["step"] = np.asarray(p.steps, np.int64)
+    coords["layer"] = np.arange(p.n_layers)
+    if p.n_sv:
+        coords["sv_index"] = np.arange(p.n_sv)
+    variables = {}
+    for name, d in p.dims.items():
+        if name == "status":
+            dtype, fill = np.int8, -1
+        elif name == "diverged_step":
+            dtype, fill = np.int32, -1
+        else:
+            dtype, fill = np.float32, np.nan
+        variables[name] = (tuple(p.axes) + d, dtype, fill, {"description": p.docs.get(name, "")})
+    dev = jax.local_devices()[0]
+    attrs = {
+        "sweep": p.res.sweep.name,
+        "description": p.res.sweep.description,
+        "scale": p.res.scale,
+        "spec": _store.json_attr(p.res.describe()),
+        "spec_source": p.res.sweep.source,
+        "fingerprint": p.res.fingerprint(),
+        "layout": _store.json_attr({"strategy": p.strategy, "block": p.block}),
+        "package_versions": _store.json_attr(package_versions()),
+        "git_commit": git_commit(),
+        "device_kind": dev.device_kind,
+        "device_platform": dev.platform,
+        "device_count": len(jax.devices()),
+        "process_count": dist.count,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "compile_seconds": 0.0,
+        "run_seconds": 0.0,
+    }
+    _store.create(url, coords, variables, p.block, attrs, len(p.chunks))
+
+
+# --------------------------------------------------------------------------- execution
+
+
+class Program:
+    """One group's `jit(vmap(run))`, sharded over the local devices, compiled once."""
+
+    def __init__(self, spec, n_pad: int, mesh):
+        import jax
+        from jax.sharding import NamedSharding
+        from jax.sharding import PartitionSpec as P
+
+        from dynamics.train import make_run, run_data
+
+        run = make_run(spec)
+
+        def one(hp, seed, data):
+            return run(hp, jax.random.key(seed), data)
+
+        shard = NamedSharding(mesh, P("runs"))
+        repl = NamedSharding(mesh, P())
+        self.data = jax.device_put(run_data(spec), repl)
+        self.fn = jax.jit(
+            jax.vmap(one, in_axes=(0, 0, None)), in_shardings=(shard, shard, repl), out_shardings=shard
+        )
+        self.shard = shard
+        self.n_pad = n_pad
+        self.compiled = None
+        self.compile_seconds = 0.0
+
+    def __call__(self, hp, seeds):
+        import jax
+
+        hp = jax.device_put(hp, self.shard)
+        seeds = jax.device_put(seeds, self.shard)
+        if self.compiled is None:
+            t = time.perf_counter()
+            self.compiled = self.fn.lower(hp, seeds, self.data).compile()
+            self.compile_seconds = time.perf_counter() - t
+        return self.compiled(hp, seeds, self.data)
+
+
+def chunk_inputs(p: Plan, chunk: Chunk, n_pad: int):
+    """Hparams and seeds of a chunk's runs, in C order over its region, padded to n_pad."""
+    import jax.numpy as jnp
+
+    from dynamics.steps import Hparams
+
+    grid_axes = p.res.grid_axes
+    offset = len(p.res.static_axes)
+    ranges = [range(s.start, s.stop) for s in chunk.region[offset:]]
+    rows = [
+        {a: p.coords[a][i] for a, i in zip(grid_axes, idx, strict=True)}
+        for idx in itertools.product(*ranges)
+    ]
+    n = len(rows)
+    rows = rows + [rows[-1]] * (n_pad - n)
+    fields = {}
+    for f in Hparams._fields:
+        default = getattr(Hparams(), f)
+        if f == "batch_size" and f not in grid_axes:
+            default = 0
+        vals = [r.get(f, default) for r in rows]
+        fields[f] = jnp.asarray(vals, jnp.int32 if f == "batch_size" else jnp.float32)
+    seeds = jnp.asarray([r["seed"] for r in rows], jnp.uint32)
+    return Hparams(**fields), seeds, n
+
+
+def _region_shape(region: tuple[slice, ...]) -> tuple[int, ...]:
+    return tuple(s.stop - s.start for s in region)
+
+
+def chunk_values(p: Plan, chunk: Chunk, trace: dict, n: int) -> dict[str, np.ndarray]:
+    """Device results of a chunk, reshaped to its region and padded to the store's layer/sv."""
+    shape = _region_shape(chunk.region)
+    out = {}
+    for name in p.dims:
+        v = np.asarray(trace[name])[:n]
+        v = v.reshape(shape + v.shape[1:])
+        dims = p.dims[name]
+        want = [len(p.steps) if d == "step" else p.n_layers if d == "layer" else p.n_sv for d in dims]
+        pads = [(0, 0)] * len(shape) + [(0, w - s) for w, s in zip(want, v.shape[len(shape) :], strict=True)]
+        if any(b for _, b in pads):
+            v = np.pad(v, pads, constant_values=np.nan)
+        out[name] = v
+    return out
+
+
+@dataclasses.dataclass
+class Summary:
+    url: str
+    runs: int
+    runs_now: int
+    runs_resumed: int
+    diverged: int
+    compile_seconds: float
+    run_seconds: float
+    programs: int
+    devices: int
+    device_kind: str
+    processes: int
+
+
+def execute(
+    res: Resolved,
+    specs: list,
+    url: str,
+    *,
+    fresh: bool = False,
+    chunk_runs: int | None = None,
+    dist: Distributed | None = None,
+    progress: bool = True,
+    on_chunk: Callable[[Chunk], None] | None = None,
+) -> Summary:
+    """Run a resolved sweep into the store at `url` (creating, resuming or refusing it)."""
+    import jax
+    from jax.sharding import Mesh
+
+    dist = dist or Distributed()
+    fp = res.fingerprint()
+    lock = None
+    if dist.index == 0:
+        lock = _store.Lock(url)
+        lock.acquire()
+    try:
+        if dist.index == 0:
+            try:
+                if fresh:
+                    _store.remove(url)
+                layout = None
+                if _store.exists(url):
+                    attrs = _store.read_attrs(url)
+                    if "fingerprint" not in attrs:
+                        _store.remove(url)  # a creation that was cut off: nothing was written yet
+                    elif attrs["fingerprint"] != fp:
+                        raise _store.StoreError(
+                            f"--out: {url} holds a different sweep spec "
+                            f"({attrs.get('sweep')}, fingerprint {attrs['fingerprint']} != {fp}); "
+                            "use --fresh to overwrite it or choose another --out"
+                        )
+                    else:
+                        import json
+
+                        layout = json.loads(attrs["layout"])
+                p = plan(res, specs, chunk_runs, layout)
+                if layout is None:
+                    create_store(url, p, dist)
+                dist.put("dynamics/store", "ok")
+            except Exception as e:
+                dist.put("dynamics/store", f"error: {e}")
+                raise
+        else:
+            msg = dist.get("dynamics/store")
+            if msg != "ok":
+                raise _store.StoreError(msg.removeprefix("error: "))
+            import json
+
+            p = plan(res, specs, layout=json.loads(_store.read_attrs(url)["layout"]))
+
+        writer = _store.Writer(url)
+        done = writer.done_chunks()
+        mine = [c for c in p.chunks if c.id % dist.count == dist.index]
+        todo = [c for c in mine if not done[c.id]]
+        n_dev = len(jax.local_devices())
+        mesh = Mesh(np.asarray(jax.local_devices()), ("runs",))
+        n_pad = math.ceil(p.chunk_runs / n_dev) * n_dev
+        programs: dict[int, Program] = {}
+        runs_mine = sum(math.prod(_region_shape(c.region)) for c in mine)
+        runs_now = sum(math.prod(_region_shape(c.region)) for c in todo)
+        bar = _progress_bar(runs_now, progress and dist.index == 0, res.sweep.name)
+        diverged = 0
+        t_start = time.perf_counter()
+        compile_s = 0.0
+        pending = None  # (chunk, trace, n): one chunk in flight while the previous one is written
+        for c in todo + [None]:
+            launched = None
+            if c is not None:
+                prog = programs.get(c.group)
+                if prog is None:
+                    prog = programs[c.group] = Program(p.groups[c.group].spec, n_pad, mesh)
+                hp, seeds, n = chunk_inputs(p, c, n_pad)
+                first = prog.compiled is None
+                trace = prog(hp, seeds)
+                if first:
+                    compile_s += prog.compile_seconds
+                launched = (c, trace, n)
+            if pending is not None:
+                pc, ptrace, pn = pending
+                values = chunk_values(p, pc, ptrace, pn)
+                writer.write_chunk(pc.id, pc.region, values)
+                diverged += int(np.sum(values["status"] == 1))
+                bar.update(pn)
+                bar.set_postfix(diverged=diverged, refresh=False)
+                if on_chunk is not None:
+                    on_chunk(pc)
+            pending = launched
+        bar.close()
+        run_s = time.perf_counter() - t_start - compile_s
+        if dist.count > 1:
+            dist.put(f"dynamics/stats/{dist.index}", f"{compile_s} {run_s} {diverged} {runs_now}")
+            dist.barrier("dynamics/done")
+        total_compile, total_run = compile_s, run_s
+        if dist.index == 0:
+            if dist.count > 1:
+                stats = [dist.get(f"dynamics/stats/{i}").split() for i in range(dist.count)]
+                total_compile = sum(float(s[0]) for s in stats)
+                total_run = max(float(s[1]) for s in stats)
+                runs_now = sum(int(s[3]) for s in stats)
+            attrs = _store.read_attrs(url)
+            statuses = _all_status(url)
+            diverged = int(np.sum(statuses == 1))
+            complete = bool(np.all(writer.done_chunks()))
+            writer.set_attrs(
+                compile_seconds=float(attrs.get("compile_seconds", 0.0)) + total_compile,
+                run_seconds=float(attrs.get("run_seconds", 0.0)) + total_run,
+                complete=complete,
+                diverged=diverged,
+                finished=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            )
+        runs = math.prod(p.shape)
+        return Summary(
+            url, runs, runs_now, runs_mine - runs_now if dist.count == 1 else runs - runs_now,
+            diverged, total_compile, total_run, len(programs), len(jax.devices()),
+            jax.local_devices()[0].device_kind, dist.count,
+        )
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _all_status(url: str) -> np.ndarray:
+    import zarr
+
+    return np.asarray(zarr.open_group(url, mode="r")["status"][...])
+
+
+class _NoBar:
+    def update(self, n):
+        pass
+
+    def set_postfix(self, **kw):
+        pass
+
+    def close(self):
+        pass
+
+
+def _progress_bar(total: int, enabled: bool, name: str):
+    if not enabled or total == 0:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="run", desc=name, smoothing=0.1, dynamic_ncols=True)

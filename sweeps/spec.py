@@ -1,0 +1,360 @@
+"""Sweep specs: immutable data naming a run, its static settings and its grids.
+
+A config module `sweeps/configs/NAME.py` defines
+
+    SWEEP = Sweep(
+        name="NAME", description="one line for `python -m sweeps list`",
+        build=build,                      # build(**settings) -> dynamics.RunSpec
+        settings=dict(steps=2000, record_every=100, width=64, depth=4),
+        grid=dict(seed=[0, 1], lr=[0.05, 0.1], batch_size=[16, 128], weight_decay=[0, 1e-3]),
+        static=dict(depth=[4, 8]),        # optional: one compile per value, stored as axes
+        scales=dict(paper=dict(width=512, seed=list(range(5)))),   # optional presets
+    )
+
+`grid` axes are traced (`Hparams` fields plus `seed`): a new value never recompiles.
+`static` axes are settings that take several values: each value is its own program.
+`--set key=v1,v2` overrides any of them; giving a setting several values makes it a static
+axis. Everything is checked here, before anything is compiled or written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import importlib
+import importlib.util
+import inspect
+import itertools
+import json
+import math
+import pkgutil
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from dynamics.steps import HPARAM_FIELDS
+
+GRID_AXES = ("seed",) + HPARAM_FIELDS  # seed, lr, weight_decay, batch_size, momentum, init_scale
+STORE_ORDER = ("seed", "lr", "batch_size", "weight_decay", "momentum", "init_scale")
+INT_AXES = {"seed", "batch_size"}
+BATCH_STRATEGIES = ("auto", "bucket", "mask")
+
+
+class SpecError(ValueError):
+    """A sweep that cannot run: the message names the field and the reason, on one line."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Sweep:
+    name: str
+    description: str
+    build: Callable[..., Any]
+    settings: Mapping[str, Any]
+    grid: Mapping[str, Sequence]
+    static: Mapping[str, Sequence] = dataclasses.field(default_factory=dict)
+    scales: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+    batch_strategy: str = "auto"
+    source: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Resolved:
+    """A sweep with every override applied and checked: what the runner executes."""
+
+    sweep: Sweep
+    settings: dict[str, Any]  # scalar settings (static axes excluded)
+    static: dict[str, list]  # static axes, in order
+    grid: dict[str, list]  # traced axes in store order (seed, lr, batch_size, weight_decay, ...)
+    scale: str
+    batch_strategy: str
+
+    @property
+    def static_axes(self) -> list[str]:
+        return list(self.static)
+
+    @property
+    def grid_axes(self) -> list[str]:
+        return list(self.grid)
+
+    @property
+    def n_runs(self) -> int:
+        return math.prod(len(v) for v in self.static.values()) * math.prod(len(v) for v in self.grid.values())
+
+    def static_points(self) -> list[dict[str, Any]]:
+        keys = list(self.static)
+        return [dict(zip(keys, vals, strict=True)) for vals in itertools.product(*self.static.values())]
+
+    def settings_for(self, point: Mapping[str, Any]) -> dict[str, Any]:
+        return {**self.settings, **point}
+
+    def fingerprint(self) -> str:
+        blob = json.dumps(
+            {
+                "name": self.sweep.name,
+                "source": self.sweep.source,
+                "settings": self.settings,
+                "static": self.static,
+                "grid": self.grid,
+                "batch_strategy": self.batch_strategy,
+            },
+            sort_keys=True,
+            default=repr,
+        )
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def describe(self) -> dict:
+        return {
+            "name": self.sweep.name,
+            "scale": self.scale,
+            "settings": self.settings,
+            "static": self.static,
+            "grid": self.grid,
+            "batch_strategy": self.batch_strategy,
+        }
+
+
+# --------------------------------------------------------------------------- discovery
+
+
+def config_names() -> list[str]:
+    import sweeps.configs as pkg
+
+    return sorted(m.name for m in pkgutil.iter_modules(pkg.__path__) if not m.name.startswith("_"))
+
+
+def load_sweep(name: str) -> Sweep:
+    """The SWEEP of sweeps/configs/NAME.py, or of a path to a .py file."""
+    if name.endswith(".py"):
+        path = Path(name)
+        if not path.is_file():
+            raise SpecError(f"sweep: no such file {name!r}")
+        modspec = importlib.util.spec_from_file_location(f"sweep_{path.stem}", path)
+        module = importlib.util.module_from_spec(modspec)
+        modspec.loader.exec_module(module)
+    else:
+        names = config_names()
+        if name not in names:
+            hint = difflib.get_close_matches(name, names, n=1)
+            extra = f" (did you mean {hint[0]!r}?)" if hint else f"; known: {', '.join(names)}"
+            raise SpecError(f"sweep: unknown sweep {name!r}{extra}")
+        module = importlib.import_module(f"sweeps.configs.{name}")
+    sweep = getattr(module, "SWEEP", None)
+    if not isinstance(sweep, Sweep):
+        raise SpecError(f"sweep: {name!r} defines no SWEEP = Sweep(...)")
+    return dataclasses.replace(sweep, source=inspect.getsource(module))
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def _parse_scalar(key: str, text: str, like: Any):
+    text = text.strip()
+    try:
+        if isinstance(like, bool):
+            low = text.lower()
+            if low in ("true", "1", "yes"):
+                return True
+            if low in ("false", "0", "no"):
+                return False
+            raise ValueError
+        if isinstance(like, int):
+            f = float(text)
+            if not f.is_integer():
+                raise ValueError
+            return int(f)
+        if isinstance(like, float):
+            return float(text)
+        if like is None:
+            for cast in (int, float):
+                try:
+                    return cast(text)
+                except ValueError:
+                    pass
+            return None if text.lower() == "none" else text
+        if isinstance(like, str):
+            return None if text.lower() == "none" else text
+        if isinstance(like, tuple | list):
+            return tuple(_parse_scalar(key, t, like[0] if like else 0.0) for t in text.split(":"))
+    except ValueError:
+        pass
+    kind = {bool: "a boolean", int: "an integer", float: "a number"}.get(type(like), type(like).__name__)
+    raise SpecError(f"{key}: expected {kind}, got {text!r}")
+
+
+def _parse_values(key: str, text: str, like: Any) -> list:
+    if not text.strip():
+        raise SpecError(f"{key}: no value given")
+    if isinstance(like, int) and not isinstance(like, bool) and ":" in text and "," not in text:
+        a, b = (_parse_scalar(key, t, 0) for t in text.split(":", 1))
+        return list(range(a, b))
+    return [_parse_scalar(key, t, like) for t in text.split(",")]
+
+
+def parse_overrides(items: Sequence[str]) -> list[tuple[str, str]]:
+    out = []
+    for item in items:
+        if "=" not in item:
+            raise SpecError(f"--set: expected key=value[,value...], got {item!r}")
+        k, v = item.split("=", 1)
+        out.append((k.strip(), v))
+    return out
+
+
+def _unknown(key: str, known: Sequence[str]) -> SpecError:
+    hint = difflib.get_close_matches(key, list(known), n=1)
+    extra = f" (did you mean {hint[0]!r}?)" if hint else f"; known keys: {', '.join(sorted(known))}"
+    return SpecError(f"{key}: unknown key{extra}")
+
+
+def resolve(sweep: Sweep, overrides: Sequence[tuple[str, str]] = ()) -> Resolved:
+    """Apply `scale=` and `key=values` overrides to a sweep and check the types and ranges."""
+    settings = dict(sweep.settings)
+    static = {k: list(v) for k, v in sweep.static.items()}
+    grid = {k: list(v) for k, v in sweep.grid.items()}
+    for k in grid:
+        if k not in GRID_AXES:
+            raise SpecError(f"grid: {k!r} is not a traced axis ({', '.join(GRID_AXES)})")
+    for k in static:
+        if k not in settings:
+            raise SpecError(f"static: {k!r} must also be a key of settings (its default)")
+    batch_strategy = sweep.batch_strategy
+    overrides = list(overrides)
+    scale = "default"
+    for k, v in overrides:
+        if k == "scale":
+            scale = v.strip()
+    if scale != "default":
+        if scale not in sweep.scales:
+            known = ", ".join(["default", *sweep.scales]) or "default"
+            raise SpecError(f"scale: unknown scale {scale!r}; this sweep has: {known}")
+        for k, v in sweep.scales[scale].items():
+            if k in GRID_AXES:
+                grid[k] = list(v)
+            elif k in static or (isinstance(v, list) and k in settings):
+                static[k] = list(v)
+            elif k in settings:
+                settings[k] = v
+            elif k == "batch_strategy":
+                batch_strategy = v
+            else:
+                raise SpecError(f"scales.{scale}: unknown key {k!r}")
+    known = [*GRID_AXES, *settings, "scale", "batch_strategy"]
+    for k, text in overrides:
+        if k == "scale":
+            continue
+        if k == "batch_strategy":
+            batch_strategy = text.strip()
+        elif k in GRID_AXES:
+            like = 0 if k in INT_AXES else 0.0
+            grid[k] = _parse_values(k, text, like)
+        elif k in settings:
+            like = static[k][0] if k in static else settings[k]
+            values = _parse_values(k, text, like)
+            if len(values) > 1:
+                static[k] = values
+            else:
+                static.pop(k, None)
+                settings[k] = values[0]
+        else:
+            raise _unknown(k, known)
+    if batch_strategy not in BATCH_STRATEGIES:
+        raise SpecError(f"batch_strategy: must be one of {BATCH_STRATEGIES}, got {batch_strategy!r}")
+    for k in static:
+        settings.pop(k, None)
+    grid.setdefault("seed", [0])
+    full = {}
+    for k in STORE_ORDER:
+        if k in grid:
+            full[k] = grid[k]
+        elif k in ("lr", "batch_size", "weight_decay"):
+            full[k] = None  # filled from the run spec's defaults
+    _check_grid(full)
+    for k, v in static.items():
+        if len(set(map(repr, v))) != len(v):
+            raise SpecError(f"{k}: repeated values {v}")
+    return Resolved(sweep, settings, static, full, scale, batch_strategy)
+
+
+def _check_grid(grid: dict[str, list | None]) -> None:
+    for k, vals in grid.items():
+        if vals is None:
+            continue
+        if not vals:
+            raise SpecError(f"{k}: empty list of values")
+        if len(set(vals)) != len(vals):
+            raise SpecError(f"{k}: repeated values {vals}")
+        for v in vals:
+            if k in INT_AXES and (isinstance(v, bool) or not isinstance(v, int)):
+                raise SpecError(f"{k}: expected integers, got {v!r}")
+            if k not in INT_AXES and not isinstance(v, int | float):
+                raise SpecError(f"{k}: expected numbers, got {v!r}")
+            if not math.isfinite(v):
+                raise SpecError(f"{k}: must be finite, got {v!r}")
+        if k == "lr" and min(vals) <= 0:
+            raise SpecError(f"lr: must be positive, got {min(vals)}")
+        if k == "weight_decay" and min(vals) < 0:
+            raise SpecError(f"weight_decay: must be non-negative, got {min(vals)}")
+        if k == "batch_size" and min(vals) < 1:
+            raise SpecError(f"batch_size: must be at least 1, got {min(vals)}")
+        if k == "seed" and min(vals) < 0:
+            raise SpecError(f"seed: must be non-negative, got {min(vals)}")
+        if k == "momentum" and not all(0 <= v < 1 for v in vals):
+            raise SpecError(f"momentum: must lie in [0, 1), got {vals}")
+        if k == "init_scale" and min(vals) <= 0:
+            raise SpecError(f"init_scale: must be positive, got {min(vals)}")
+
+
+def build_specs(res: Resolved) -> list[tuple[dict[str, Any], Any]]:
+    """Build the RunSpec of every static point and finish checking against it.
+
+    Fills unset grid axes from the spec (batch_size: the spec's batch; lr and weight_decay
+    must be given), and checks batch sizes against the data and the record schedule.
+    """
+    from dynamics.train import RunSpec
+
+    params = inspect.signature(res.sweep.build).parameters
+    accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    out = []
+    for point in res.static_points() or [{}]:
+        kwargs = res.settings_for(point)
+        if not accepts_any:
+            extra = [k for k in kwargs if k not in params]
+            if extra:
+                raise SpecError(f"{extra[0]}: not an argument of {res.sweep.name}'s build()")
+        try:
+            spec = res.sweep.build(**kwargs)
+        except SpecError:
+            raise
+        except (ValueError, TypeError, FileNotFoundError) as e:
+            raise SpecError(f"{_first_line(e)}") from e
+        if not isinstance(spec, RunSpec):
+            raise SpecError(f"build: {res.sweep.name}'s build() must return a dynamics.RunSpec")
+        try:
+            spec.validate()
+        except ValueError as e:
+            raise SpecError(_first_line(e)) from e
+        n = int(spec.data.x_train.shape[0])
+        if spec.sampling == "full":
+            if res.grid["batch_size"] not in (None, [n]):
+                raise SpecError(f"batch_size: this sweep trains on the full batch of {n} examples")
+            res.grid["batch_size"] = [n]
+        else:
+            if res.grid["batch_size"] is None:
+                res.grid["batch_size"] = [spec.static_batch]
+            big = max(res.grid["batch_size"])
+            if big > n:
+                raise SpecError(f"batch_size: {big} exceeds the {n} training examples")
+        out.append((point, spec))
+    for k in ("lr", "weight_decay"):
+        if res.grid[k] is None:
+            if k == "weight_decay":
+                res.grid[k] = [0.0]
+            else:
+                raise SpecError("lr: the sweep gives no learning rate (set lr=...)")
+    return out
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__

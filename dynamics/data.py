@@ -586,9 +586,7 @@ def mnist(
     if flatten:
         x_train = x_train.reshape(x_train.shape[0], -1)
         x_test = x_test.reshape(x_test.shape[0], -1)
-    return Dataset(
-        x_train, y_train.astype(np.int32), x_test, y_test.astype(np.int32), 10, "mnist"
-    )
+    return Dataset(x_train, y_train.astype(np.int32), x_test, y_test.astype(np.int32), 10, "mnist")
 
 
 _CIFAR_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))

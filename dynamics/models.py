@@ -273,7 +273,9 @@ def mlp(
             h = act(_normalize(params[i], h, mask, norm, bn_p, bn_k, eps))
         return _dense(params[-1], h, mults[-1]), h
 
-    return Model(init_fn, lambda params, x, mask=None: apply_features(params, x, mask)[0], apply_features)
+    return Model(
+        init_fn, lambda params, x, mask=None: apply_features(params, x, mask)[0], apply_features
+    )
 
 
 def deep_linear(widths: Sequence[int], **kwargs) -> Model:
@@ -320,7 +322,9 @@ def linear_conv1d(
             h = _normalize(params[i], _conv(params[i], h, c, 1, padding), mask, norm, "l2", 1, eps)
         return _conv(params[-1], h, c, 1, padding), h
 
-    return Model(init_fn, lambda params, x, mask=None: apply_features(params, x, mask)[0], apply_features)
+    return Model(
+        init_fn, lambda params, x, mask=None: apply_features(params, x, mask)[0], apply_features
+    )
 
 
 def deep_decoder(
@@ -386,7 +390,9 @@ def deep_decoder(
         y = _conv(params[-1], h, c_out, 1, padding)
         return (jax.nn.sigmoid(y) if output == "sigmoid" else y), h
 
-    return Model(init_fn, lambda params, x, mask=None: apply_features(params, x, mask)[0], apply_features)
+    return Model(
+        init_fn, lambda params, x, mask=None: apply_features(params, x, mask)[0], apply_features
+    )
 
 
 def cnn(
@@ -438,9 +444,7 @@ def cnn(
         return jnp.mean(h, axis=tuple(range(2, h.ndim))) if pool else h.reshape(h.shape[0], -1)
 
     def stub_params():
-        return [
-            {"w": jnp.zeros((chans[i + 1], chans[i]) + ks)} for i in range(len(channels))
-        ]
+        return [{"w": jnp.zeros((chans[i + 1], chans[i]) + ks)} for i in range(len(channels))]
 
     feat = jax.eval_shape(lambda: conv_stack(stub_params(), jnp.zeros((1,) + in_shape), None))
     n_feat = feat.shape[1]
@@ -465,7 +469,9 @@ def cnn(
         h = conv_stack(params, x.reshape((x.shape[0],) + in_shape), mask)
         return _dense(params[-1], h, c_last), h
 
-    return Model(init_fn, lambda params, x, mask=None: apply_features(params, x, mask)[0], apply_features)
+    return Model(
+        init_fn, lambda params, x, mask=None: apply_features(params, x, mask)[0], apply_features
+    )
 
 
 def resnet_one_neuron(
@@ -502,7 +508,9 @@ def resnet_one_neuron(
             h = h + jax.nn.relu(h @ p["w"].T + p["b"][None, :]) @ p["w2"].T
         return h @ params[-1]["w"].T, h
 
-    return Model(init_fn, lambda params, x, mask=None: apply_features(params, x, mask)[0], apply_features)
+    return Model(
+        init_fn, lambda params, x, mask=None: apply_features(params, x, mask)[0], apply_features
+    )
 
 
 # --------------------------------------------------------------------------- adapters

@@ -62,7 +62,9 @@ def batch_norm(x, mask=None, p: str = "l2", k: int = 10, eps: float = 1e-5):
     top = jax.lax.top_k(pooled, kk)[0]
     n_top = jnp.minimum(kk, count)
     mean_top = jnp.sum(top, axis=1) / n_top
-    c_n = (1 + math.sqrt(math.pi * math.log(4))) / (2 * jnp.sqrt(2 * jnp.log(jnp.maximum(count, 2.0))))
+    c_n = (1 + math.sqrt(math.pi * math.log(4))) / (
+        2 * jnp.sqrt(2 * jnp.log(jnp.maximum(count, 2.0)))
+    )
     scale = (c_n * mean_top).reshape((1, c) + (1,) * (x.ndim - 2))
     return d / (scale + eps)
 

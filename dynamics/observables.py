@@ -156,13 +156,16 @@ def grad_cosines(g_prev, g) -> tuple[jax.Array, jax.Array]:
 
 @_no_grad
 def update_sizes(old_params, new_params, lr) -> jax.Array:
-    """"dist" of Galanti et al.: ||W_{t+1} - W_t||_F / lr for every layer. Shape (L,)."""
-    return jnp.stack(
-        [
-            jnp.sqrt(jnp.sum((b - a) ** 2))
-            for a, b in zip(layer_weights(old_params), layer_weights(new_params), strict=True)
-        ]
-    ) / lr
+    """ "dist" of Galanti et al.: ||W_{t+1} - W_t||_F / lr for every layer. Shape (L,)."""
+    return (
+        jnp.stack(
+            [
+                jnp.sqrt(jnp.sum((b - a) ** 2))
+                for a, b in zip(layer_weights(old_params), layer_weights(new_params), strict=True)
+            ]
+        )
+        / lr
+    )
 
 
 # --------------------------------------------------------------------------- outputs
@@ -222,7 +225,11 @@ def neural_collapse(h, labels, W, pred, num_classes: int) -> dict[str, jax.Array
     nc3 = jnp.sum((W / jnp.linalg.norm(W) - M / jnp.linalg.norm(M)) ** 2)
 
     d2 = jnp.sum(h**2, axis=1, keepdims=True) - 2 * h @ mu.T + jnp.sum(mu**2, axis=1)[None]
-    nc4 = jnp.mean((jnp.argmax(pred.reshape(pred.shape[0], -1), axis=1) != jnp.argmin(d2, axis=1)).astype(h.dtype))
+    nc4 = jnp.mean(
+        (jnp.argmax(pred.reshape(pred.shape[0], -1), axis=1) != jnp.argmin(d2, axis=1)).astype(
+            h.dtype
+        )
+    )
 
     var = jnp.sum(onehot * jnp.sum(within**2, axis=1, keepdims=True), axis=0) / counts
     dmu2 = jnp.sum((mu[:, None] - mu[None]) ** 2, axis=-1)

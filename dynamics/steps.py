@@ -75,7 +75,9 @@ class Stepper(NamedTuple):
 LossFn = Callable[[Any, Batch], jax.Array]
 
 
-def optax_stepper(loss_fn: LossFn, make_tx: Callable[[Hparams], optax.GradientTransformation]) -> Stepper:
+def optax_stepper(
+    loss_fn: LossFn, make_tx: Callable[[Hparams], optax.GradientTransformation]
+) -> Stepper:
     """A step from an optax transformation rebuilt from the traced hyperparameters at each call.
 
     w <- w + u,  (u, s) = make_tx(hp).update(g, s, w).  make_tx must give the same state
@@ -88,7 +90,9 @@ def optax_stepper(loss_fn: LossFn, make_tx: Callable[[Hparams], optax.GradientTr
     def step_fn(state, batch, hp):
         loss, grads = jax.value_and_grad(loss_fn)(state.params, batch)
         updates, opt_state = make_tx(hp).update(grads, state.opt_state, state.params)
-        return TrainState(optax.apply_updates(state.params, updates), opt_state), StepInfo(loss, grads)
+        return TrainState(optax.apply_updates(state.params, updates), opt_state), StepInfo(
+            loss, grads
+        )
 
     return Stepper(init_fn, step_fn)
 
@@ -147,9 +151,9 @@ def adam(
 ) -> Stepper:
     """Adam (Kingma & Ba) with weight decay as L2 in the gradient or decoupled (AdamW).
 
-        d = g + wd w (l2) or d = g (decoupled)
-        m <- b1 m + (1 - b1) d;  s <- b2 s + (1 - b2) d^2;  m^ = m/(1 - b1^t);  s^ = s/(1 - b2^t)
-        w <- w - lr (m^ / (sqrt(s^) + eps) [+ wd w if decoupled])
+    d = g + wd w (l2) or d = g (decoupled)
+    m <- b1 m + (1 - b1) d;  s <- b2 s + (1 - b2) d^2;  m^ = m/(1 - b1^t);  s^ = s/(1 - b2^t)
+    w <- w - lr (m^ / (sqrt(s^) + eps) [+ wd w if decoupled])
     """
     _check("weight_decay", weight_decay, WEIGHT_DECAYS)
 

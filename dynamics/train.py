@@ -48,7 +48,9 @@ class ObservableInfo(NamedTuple):
 
 _L = ("layer",)
 OBSERVABLES: dict[str, ObservableInfo] = {
-    "loss": ObservableInfo((), "state", False, "training loss on the evaluation subset of the training set"),
+    "loss": ObservableInfo(
+        (), "state", False, "training loss on the evaluation subset of the training set"
+    ),
     "accuracy": ObservableInfo((), "state", False, "training accuracy on the evaluation subset"),
     "test_loss": ObservableInfo((), "state", False, "loss on the test set"),
     "test_accuracy": ObservableInfo((), "state", False, "accuracy on the test set"),
@@ -59,7 +61,9 @@ OBSERVABLES: dict[str, ObservableInfo] = {
     "margin_mean": ObservableInfo((), "state", False, "mean normalized margin y f(x) / rho"),
     "margin_std": ObservableInfo((), "state", False, "std of normalized margins"),
     "margin_min": ObservableInfo((), "state", False, "smallest normalized margin"),
-    "sv": ObservableInfo(("layer", "sv_index"), "state", True, "singular values of W_k, descending, NaN-padded"),
+    "sv": ObservableInfo(
+        ("layer", "sv_index"), "state", True, "singular values of W_k, descending, NaN-padded"
+    ),
     "rank": ObservableInfo(_L, "state", True, "numerical rank at rank_tol of W_k / ||W_k||_F"),
     "stable_rank": ObservableInfo(_L, "state", True, "||W_k||_F^2 / ||W_k||_2^2"),
     "sharpness": ObservableInfo((), "state", True, "top Hessian eigenvalue of the evaluation loss"),
@@ -69,9 +73,15 @@ OBSERVABLES: dict[str, ObservableInfo] = {
     },
     "batch_loss": ObservableInfo((), "step", False, "mean minibatch loss over the record interval"),
     "grad_norm": ObservableInfo(_L, "step", False, "||g_k|| of the last step's gradient"),
-    "grad_cos": ObservableInfo(_L, "step", False, "mean cos(g_t, g_{t+1}) per layer over the interval"),
-    "grad_cos_global": ObservableInfo((), "step", False, "mean cos(g_t, g_{t+1}) of the whole gradient"),
-    "grad_cos_neg_frac": ObservableInfo(_L, "step", False, "fraction of adjacent pairs with cos < 0"),
+    "grad_cos": ObservableInfo(
+        _L, "step", False, "mean cos(g_t, g_{t+1}) per layer over the interval"
+    ),
+    "grad_cos_global": ObservableInfo(
+        (), "step", False, "mean cos(g_t, g_{t+1}) of the whole gradient"
+    ),
+    "grad_cos_neg_frac": ObservableInfo(
+        _L, "step", False, "fraction of adjacent pairs with cos < 0"
+    ),
     "grad_cos_neg_frac_global": ObservableInfo((), "step", False, "same, whole gradient"),
     "update_size": ObservableInfo(_L, "step", False, "'dist': mean ||W_{t+1} - W_t||_F / lr"),
 }
@@ -94,7 +104,9 @@ def resolve_observables(names) -> tuple[str, ...]:
     for n in names:
         for m in ALIASES.get(n, (n,)):
             if m not in OBSERVABLES:
-                raise ValueError(f"unknown observable {m!r}; known: {', '.join(sorted(OBSERVABLES))}")
+                raise ValueError(
+                    f"unknown observable {m!r}; known: {', '.join(sorted(OBSERVABLES))}"
+                )
             if m not in out:
                 out.append(m)
     return tuple(out)
@@ -141,7 +153,9 @@ class RunSpec:
         if self.steps < 1:
             raise ValueError(f"steps: must be at least 1, got {self.steps}")
         if self.record_every < 1 or self.steps % self.record_every:
-            raise ValueError(f"record_every: {self.record_every} does not divide steps={self.steps}")
+            raise ValueError(
+                f"record_every: {self.record_every} does not divide steps={self.steps}"
+            )
         n_rec = self.steps // self.record_every
         if self.slow_every < 1 or n_rec % self.slow_every:
             raise ValueError(
@@ -157,14 +171,18 @@ class RunSpec:
                 raise ValueError(f"batch: {self.batch} exceeds the {n} training examples")
         names = resolve_observables(self.observables)
         if {"test_loss", "test_accuracy"} & set(names) and self.data.x_test.shape[0] == 0:
-            raise ValueError("observables: test_loss/test_accuracy need a data set with a test split")
+            raise ValueError(
+                "observables: test_loss/test_accuracy need a data set with a test split"
+            )
         if set(obs.NC_NAMES) & set(names):
             if self.model.apply_features is None:
                 raise ValueError("observables: neural collapse needs a model with apply_features")
             if self.data.num_classes < 2:
                 raise ValueError("observables: neural collapse needs class labels")
         if self.spectrum_method not in ("svd", "gram"):
-            raise ValueError(f"spectrum_method: must be 'svd' or 'gram', got {self.spectrum_method!r}")
+            raise ValueError(
+                f"spectrum_method: must be 'svd' or 'gram', got {self.spectrum_method!r}"
+            )
 
     @property
     def static_batch(self) -> int:
@@ -189,7 +207,9 @@ class RunData(NamedTuple):
 
 def run_data(spec: RunSpec) -> RunData:
     d = spec.data
-    n_eval = d.x_train.shape[0] if spec.eval_size is None else min(spec.eval_size, d.x_train.shape[0])
+    n_eval = (
+        d.x_train.shape[0] if spec.eval_size is None else min(spec.eval_size, d.x_train.shape[0])
+    )
     return RunData(
         jnp.asarray(d.x_train),
         jnp.asarray(d.y_train),
@@ -294,7 +314,9 @@ def make_run(spec: RunSpec) -> Callable:
             idx = jax.random.permutation(key, n_train)[:B]
         else:
             slots = jnp.arange(B, dtype=jnp.uint32)
-            idx = jax.vmap(lambda i: jax.random.randint(jax.random.fold_in(key, i), (), 0, n_train))(slots)
+            idx = jax.vmap(
+                lambda i: jax.random.randint(jax.random.fold_in(key, i), (), 0, n_train)
+            )(slots)
         bs = jnp.where(hp.batch_size > 0, hp.batch_size, B)
         w = jnp.where(jnp.arange(B) < bs, 1.0 / bs.astype(jnp.float32), 0.0)
         return Batch(data.x_train[idx], data.y_train[idx], w)
@@ -353,7 +375,9 @@ def make_run(spec: RunSpec) -> Callable:
             out["accuracy"] = _losses.accuracy(pred, data.y_eval)
             if nc:
                 out.update(
-                    obs.neural_collapse(h, data.y_eval, layer_weights(params)[-1], pred, num_classes)
+                    obs.neural_collapse(
+                        h, data.y_eval, layer_weights(params)[-1], pred, num_classes
+                    )
                 )
             if w & set(ALIASES["margins"]):
                 m = obs.margins(pred, data.y_eval, obs.rho(params))
@@ -430,7 +454,11 @@ def make_run(spec: RunSpec) -> Callable:
             t0 = r * spec.record_every
             c, _ = jax.lax.scan(step, c, t0 + jnp.arange(1, spec.record_every + 1, dtype=jnp.int32))
             values = observe_steps(c)
-            values.update(observe_state(c.state.params, hp, data, jax.random.fold_in(k_obs, 1 + r), cheap_state))
+            values.update(
+                observe_state(
+                    c.state.params, hp, data, jax.random.fold_in(k_obs, 1 + r), cheap_state
+                )
+            )
             acc = zero_acc()
             return c._replace(acc=acc), mask_nan(values, c.diverged)
 
@@ -443,7 +471,9 @@ def make_run(spec: RunSpec) -> Callable:
 
         # step 0: state observables at initialization; per-step statistics are NaN (0/0 or masked).
         init_values = observe_steps(carry)
-        init_values.update(observe_state(params, hp, data, jax.random.fold_in(k_obs, 0), state_names))
+        init_values.update(
+            observe_state(params, hp, data, jax.random.fold_in(k_obs, 0), state_names)
+        )
         carry, (cheap, costly) = jax.lax.scan(slow_block, carry, jnp.arange(n_slow))
 
         trace = {}

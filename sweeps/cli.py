@@ -25,10 +25,22 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("list", help="list the sweeps in sweeps/configs")
     r = sub.add_parser("run", help="run a sweep into a Zarr store (resuming if it exists)")
     r.add_argument("name", help="a sweep in sweeps/configs, or a path to a config .py file")
-    r.add_argument("--out", default="results", help="a store path ending in .zarr (any fsspec URL) or a directory for NAME.zarr")
-    r.add_argument("--set", action="append", default=[], metavar="KEY=V[,V...]", help="override a setting or grid axis")
+    r.add_argument(
+        "--out",
+        default="results",
+        help="a store path ending in .zarr (any fsspec URL) or a directory for NAME.zarr",
+    )
+    r.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=V[,V...]",
+        help="override a setting or grid axis",
+    )
     r.add_argument("--fresh", action="store_true", help="discard an existing store and start over")
-    r.add_argument("--chunk", type=int, default=None, help="runs per chunk (default: sized to device memory)")
+    r.add_argument(
+        "--chunk", type=int, default=None, help="runs per chunk (default: sized to device memory)"
+    )
     r.add_argument("--devices", type=int, default=None, help="simulate this many CPU devices")
     r.add_argument("--distributed", action="store_true", help="use JAX's multi-process runtime")
     r.add_argument("--coordinator", default=None, help="host:port of process 0 (--distributed)")
@@ -87,7 +99,9 @@ def cmd_run(args) -> int:
 def print_summary(res, s) -> None:
     rate = s.runs_now / s.run_seconds if s.run_seconds > 0 else float("nan")
     resumed = f", {s.runs_resumed} already done" if s.runs_resumed else ""
-    print(f"sweep {res.sweep.name}: {s.runs} runs ({s.runs_now} run now{resumed}), {s.diverged} diverged")
+    print(
+        f"sweep {res.sweep.name}: {s.runs} runs ({s.runs_now} run now{resumed}), {s.diverged} diverged"
+    )
     print(
         f"compile {s.compile_seconds:.1f} s ({s.programs} programs), run {s.run_seconds:.1f} s "
         f"({rate:.2f} runs/s) on {s.devices} x {s.device_kind}"
@@ -113,8 +127,13 @@ def cmd_show(args) -> int:
     status = ds["status"].values
     n = status.size
     done, div, todo = int(np.sum(status == 0)), int(np.sum(status == 1)), int(np.sum(status < 0))
-    print(f"{args.path}: sweep {attrs.get('sweep')} ({attrs.get('scale', 'default')} scale), {n} runs")
-    print(f"  status: {done} finished, {div} diverged, {todo} not run" + ("" if attrs.get("complete") else "  [incomplete]"))
+    print(
+        f"{args.path}: sweep {attrs.get('sweep')} ({attrs.get('scale', 'default')} scale), {n} runs"
+    )
+    print(
+        f"  status: {done} finished, {div} diverged, {todo} not run"
+        + ("" if attrs.get("complete") else "  [incomplete]")
+    )
     axes = [d for d in ds["status"].dims]
     print("  axes:   " + ", ".join(f"{a}[{ds.sizes[a]}]" for a in axes))
     for a in axes:
@@ -123,7 +142,10 @@ def cmd_show(args) -> int:
         print(f"    {a}: {shown}")
     print(f"  steps:  {ds.sizes.get('step', 0)} records, {int(ds.step[0])}..{int(ds.step[-1])}")
     names = [v for v in ds.data_vars if v not in ("status", "diverged_step")]
-    print("  variables: " + ", ".join(f"{v}({','.join(d for d in ds[v].dims if d not in axes)})" for v in names))
+    print(
+        "  variables: "
+        + ", ".join(f"{v}({','.join(d for d in ds[v].dims if d not in axes)})" for v in names)
+    )
     print(
         f"  compile {float(attrs.get('compile_seconds', 0)):.1f} s, run {float(attrs.get('run_seconds', 0)):.1f} s"
         f" on {attrs.get('device_count')} x {attrs.get('device_kind')}; commit {attrs.get('git_commit')}"

@@ -185,7 +185,9 @@ def memory_budget() -> tuple[int, int]:
     return int(0.5 * limit) * len(jax.local_devices()), ACCELERATOR_CHUNK_CAP
 
 
-def _block_shape(axes: list[str], shape: dict[str, int], fixed: set[str], target: int) -> dict[str, int]:
+def _block_shape(
+    axes: list[str], shape: dict[str, int], fixed: set[str], target: int
+) -> dict[str, int]:
     """Largest rectangular block of at most `target` runs: whole trailing axes, part of one."""
     block = {a: 1 for a in axes}
     prod = 1
@@ -202,7 +204,9 @@ def _block_shape(axes: list[str], shape: dict[str, int], fixed: set[str], target
     return block
 
 
-def plan(res: Resolved, specs: list, chunk_runs: int | None = None, layout: dict | None = None) -> Plan:
+def plan(
+    res: Resolved, specs: list, chunk_runs: int | None = None, layout: dict | None = None
+) -> Plan:
     from dynamics.train import OBSERVABLES, describe
 
     strategy = layout["strategy"] if layout else choose_strategy(res, specs)
@@ -273,7 +277,9 @@ def plan(res: Resolved, specs: list, chunk_runs: int | None = None, layout: dict
         status="-1 not run, 0 finished, 1 diverged",
         diverged_step="step whose loss or update was non-finite; -1 if none",
     )
-    return Plan(res, axes, coords, strategy, groups, block, chunks, n_layers, n_sv, steps, dims, docs)
+    return Plan(
+        res, axes, coords, strategy, groups, block, chunks, n_layers, n_sv, steps, dims, docs
+    )
 
 
 # --------------------------------------------------------------------------- the store
@@ -293,7 +299,17 @@ def package_versions() -> dict[str, str]:
     from importlib import metadata
 
     out = {}
-    for name in ("dynamics", "jax", "jaxlib", "optax", "diffrax", "numpy", "xarray", "zarr", "flax"):
+    for name in (
+        "dynamics",
+        "jax",
+        "jaxlib",
+        "optax",
+        "diffrax",
+        "numpy",
+        "xarray",
+        "zarr",
+        "flax",
+    ):
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
@@ -305,11 +321,20 @@ def git_commit() -> str:
     here = os.path.dirname(os.path.abspath(__file__))
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5, check=True
+            ["git", "rev-parse", "HEAD"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
         )
         dirty = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=here, capture_output=True, text=True, timeout=5, check=False,
+            cwd=here,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
         ).stdout.strip()
         return out.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
@@ -377,7 +402,9 @@ class Program:
         repl = NamedSharding(mesh, P())
         self.data = jax.device_put(run_data(spec), repl)
         self.fn = jax.jit(
-            jax.vmap(one, in_axes=(0, 0, None)), in_shardings=(shard, shard, repl), out_shardings=shard
+            jax.vmap(one, in_axes=(0, 0, None)),
+            in_shardings=(shard, shard, repl),
+            out_shardings=shard,
         )
         self.shard = shard
         self.n_pad = n_pad
@@ -434,8 +461,12 @@ def chunk_values(p: Plan, chunk: Chunk, trace: dict, n: int) -> dict[str, np.nda
         v = np.asarray(trace[name])[:n]
         v = v.reshape(shape + v.shape[1:])
         dims = p.dims[name]
-        want = [len(p.steps) if d == "step" else p.n_layers if d == "layer" else p.n_sv for d in dims]
-        pads = [(0, 0)] * len(shape) + [(0, w - s) for w, s in zip(want, v.shape[len(shape) :], strict=True)]
+        want = [
+            len(p.steps) if d == "step" else p.n_layers if d == "layer" else p.n_sv for d in dims
+        ]
+        pads = [(0, 0)] * len(shape) + [
+            (0, w - s) for w, s in zip(want, v.shape[len(shape) :], strict=True)
+        ]
         if any(b for _, b in pads):
             v = np.pad(v, pads, constant_values=np.nan)
         out[name] = v
@@ -575,9 +606,17 @@ def execute(
             )
         runs = math.prod(p.shape)
         return Summary(
-            url, runs, runs_now, runs_mine - runs_now if dist.count == 1 else runs - runs_now,
-            diverged, total_compile, total_run, len(programs), len(jax.devices()),
-            jax.local_devices()[0].device_kind, dist.count,
+            url,
+            runs,
+            runs_now,
+            runs_mine - runs_now if dist.count == 1 else runs - runs_now,
+            diverged,
+            total_compile,
+            total_run,
+            len(programs),
+            len(jax.devices()),
+            jax.local_devices()[0].device_kind,
+            dist.count,
         )
     finally:
         if lock is not None:

@@ -79,11 +79,15 @@ class Resolved:
 
     @property
     def n_runs(self) -> int:
-        return math.prod(len(v) for v in self.static.values()) * math.prod(len(v) for v in self.grid.values())
+        return math.prod(len(v) for v in self.static.values()) * math.prod(
+            len(v) for v in self.grid.values()
+        )
 
     def static_points(self) -> list[dict[str, Any]]:
         keys = list(self.static)
-        return [dict(zip(keys, vals, strict=True)) for vals in itertools.product(*self.static.values())]
+        return [
+            dict(zip(keys, vals, strict=True)) for vals in itertools.product(*self.static.values())
+        ]
 
     def settings_for(self, point: Mapping[str, Any]) -> dict[str, Any]:
         return {**self.settings, **point}
@@ -178,7 +182,9 @@ def _parse_scalar(key: str, text: str, like: Any):
             return tuple(_parse_scalar(key, t, like[0] if like else 0.0) for t in text.split(":"))
     except ValueError:
         pass
-    kind = {bool: "a boolean", int: "an integer", float: "a number"}.get(type(like), type(like).__name__)
+    kind = {bool: "a boolean", int: "an integer", float: "a number"}.get(
+        type(like), type(like).__name__
+    )
     raise SpecError(f"{key}: expected {kind}, got {text!r}")
 
 
@@ -259,7 +265,9 @@ def resolve(sweep: Sweep, overrides: Sequence[tuple[str, str]] = ()) -> Resolved
         else:
             raise _unknown(k, known)
     if batch_strategy not in BATCH_STRATEGIES:
-        raise SpecError(f"batch_strategy: must be one of {BATCH_STRATEGIES}, got {batch_strategy!r}")
+        raise SpecError(
+            f"batch_strategy: must be one of {BATCH_STRATEGIES}, got {batch_strategy!r}"
+        )
     for k in static:
         settings.pop(k, None)
     grid.setdefault("seed", [0])

@@ -164,7 +164,11 @@ def create(
     root = zarr.open_group(url, mode="w")
     for name, values in coords.items():
         arr = root.create_array(
-            name, shape=values.shape, dtype=values.dtype, chunks=values.shape, dimension_names=[name]
+            name,
+            shape=values.shape,
+            dtype=values.dtype,
+            chunks=values.shape,
+            dimension_names=[name],
         )
         arr[...] = values
     for name, (dims, dtype, fill, vattrs) in variables.items():
@@ -204,7 +208,9 @@ class Writer:
     def done_chunks(self) -> np.ndarray:
         return np.asarray(self.done[:]).astype(bool)
 
-    def write_chunk(self, index: int, region: tuple[slice, ...], values: dict[str, np.ndarray]) -> None:
+    def write_chunk(
+        self, index: int, region: tuple[slice, ...], values: dict[str, np.ndarray]
+    ) -> None:
         for name, v in values.items():
             arr = self.arrays[name]
             sel = region + (slice(None),) * (arr.ndim - len(region))

@@ -54,9 +54,7 @@ def test_teacher_regression_shapes_and_noise():
     assert _same(ds, again)
     other = data.teacher_regression(seed=1, n_train=50, n_test=7, d_in=5, d_out=3, widths=(8, 8))
     assert not np.allclose(ds.y_train, other.y_train)
-    noisy = data.teacher_regression(
-        n_train=50, n_test=7, d_in=5, d_out=3, widths=(8, 8), noise=0.5
-    )
+    noisy = data.teacher_regression(n_train=50, n_test=7, d_in=5, d_out=3, widths=(8, 8), noise=0.5)
     np.testing.assert_array_equal(noisy.x_train, ds.x_train)
     resid = noisy.y_train - ds.y_train
     assert 0.3 < resid.std() < 0.7
@@ -65,12 +63,15 @@ def test_teacher_regression_shapes_and_noise():
 def test_teacher_is_the_documented_relu_mlp():
     # Reconstruct the teacher from the documented recipe and streams.
     seed, d_in, widths, d_out = 5, 4, (6, 7), 2
-    ds = data.teacher_regression(seed=seed, n_train=9, n_test=0, d_in=d_in, d_out=d_out,
-                                 widths=widths)
+    ds = data.teacher_regression(
+        seed=seed, n_train=9, n_test=0, d_in=d_in, d_out=d_out, widths=widths
+    )
     t_rng, x_rng, _ = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3)]
     sizes = (d_in, *widths, d_out)
-    ws = [t_rng.standard_normal((o, i)) * np.sqrt((1.0 if k == 2 else 2.0) / i)
-          for k, (i, o) in enumerate(zip(sizes[:-1], sizes[1:], strict=True))]
+    ws = [
+        t_rng.standard_normal((o, i)) * np.sqrt((1.0 if k == 2 else 2.0) / i)
+        for k, (i, o) in enumerate(zip(sizes[:-1], sizes[1:], strict=True))
+    ]
     x = x_rng.standard_normal((9, d_in))
     h = np.maximum(x @ ws[0].T, 0)
     h = np.maximum(h @ ws[1].T, 0)
@@ -135,8 +136,9 @@ def test_digits_classes_relabel_and_truncate():
     assert ds.num_classes == 2 and ds.n_train == 50
     assert set(np.unique(np.concatenate([ds.y_train, ds.y_test]))) == {0, 1}
     # label 0 means digit 7, label 1 means digit 2: look each image up in the raw data
-    lookup = {row.tobytes(): t for row, t in zip(raw.data.astype(np.float32), raw.target,
-                                                 strict=True)}
+    lookup = {
+        row.tobytes(): t for row, t in zip(raw.data.astype(np.float32), raw.target, strict=True)
+    }
     for x, y in zip(ds.x_train, ds.y_train, strict=True):
         assert lookup[x.tobytes()] == (7, 2)[y]
     full = data.digits(classes=(7, 2))
@@ -263,8 +265,12 @@ def test_mnist_missing_and_bad(tmp_path):
         data.mnist(tmp_path / "nowhere")
     msg = str(info.value)
     assert "nowhere" in msg and "\n" not in msg
-    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
-                 "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+    for name in (
+        "train-images-idx3-ubyte",
+        "train-labels-idx1-ubyte",
+        "t10k-images-idx3-ubyte",
+        "t10k-labels-idx1-ubyte",
+    ):
         assert name in msg
     _write_mnist(tmp_path)
     (tmp_path / "train-labels-idx1-ubyte").write_bytes(struct.pack(">II", 2051, 3) + b"abc")
@@ -306,9 +312,7 @@ def test_cifar10_layout(tmp_path):
         np.testing.assert_array_equal(x[2], r[2048:].reshape(32, 32))
         assert y == labels[match[0]]
     test_rows = batches["test_batch"][0].reshape(-1, 3, 32, 32)
-    assert {t.tobytes() for t in test_rows} == {
-        t.astype(np.uint8).tobytes() for t in ds.x_test
-    }
+    assert {t.tobytes() for t in test_rows} == {t.astype(np.uint8).tobytes() for t in ds.x_test}
     # direct root also works; scale and standard
     scaled = data.cifar10(sub, n_train=6, n_test=2)
     assert scaled.n_train == 6 and scaled.n_test == 2
@@ -351,7 +355,7 @@ def test_sample_image():
     raw = load_sample_image("china.jpg").astype(np.float64) / 255
     h, w = raw.shape[:2]
     s = min(h, w)
-    crop = raw[(h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]
+    crop = raw[(h - s) // 2 : (h - s) // 2 + s, (w - s) // 2 : (w - s) // 2 + s]
     gray = crop @ np.array([0.299, 0.587, 0.114])
     np.testing.assert_allclose(g.mean(), gray.mean(), rtol=1e-4)
     with pytest.raises(DataError, match="name"):
@@ -390,8 +394,14 @@ def test_signal_fitting_shapes():
 
 
 def test_load_dispatch():
-    assert set(data.DATASETS) == {"teacher_regression", "teacher_classification",
-                                  "gaussian_mixture", "digits", "mnist", "cifar10"}
+    assert set(data.DATASETS) == {
+        "teacher_regression",
+        "teacher_classification",
+        "gaussian_mixture",
+        "digits",
+        "mnist",
+        "cifar10",
+    }
     a = data.load("gaussian_mixture", seed=2, n_train=20, n_test=4)
     assert _same(a, data.gaussian_mixture(seed=2, n_train=20, n_test=4))
     assert a.name == "gaussian_mixture"

@@ -17,8 +17,16 @@ def build(steps, record_every, width, depth, loss):
         steps=steps,
         record_every=record_every,
         observables=(
-            "loss", "accuracy", "test_loss", "test_accuracy", "rho", "layer_norm",
-            "spectrum", "grad_corr", "grad_norm", "update_size",
+            "loss",
+            "accuracy",
+            "test_loss",
+            "test_accuracy",
+            "rho",
+            "layer_norm",
+            "spectrum",
+            "grad_corr",
+            "grad_norm",
+            "update_size",
         ),
     )
 

@@ -1,0 +1,74 @@
+"""python -m figures [FIG ...] [--results DIR] [--set KEY=V ...]
+
+Runs whatever sweeps the chosen figures need and are missing (or unfinished: they resume),
+then draws them. A figure module `figures/NAME.py` declares SWEEPS (sweep names) and
+draw(datasets: dict[name, xarray.Dataset]) -> list of written paths.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import pkgutil
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+NOT_FIGURES = {"common"}
+
+
+def figure_names() -> list[str]:
+    return sorted(
+        m.name
+        for m in pkgutil.iter_modules([HERE])
+        if not m.name.startswith("_") and m.name not in NOT_FIGURES
+    )
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m figures")
+    p.add_argument(
+        "figures", nargs="*", help=f"figures to draw (default: all of {', '.join(figure_names())})"
+    )
+    p.add_argument(
+        "--results", default=None, help="directory of the sweep stores (default: results)"
+    )
+    p.add_argument(
+        "--set", action="append", default=[], help="passed to every sweep run (e.g. scale=paper)"
+    )
+    args = p.parse_args(argv)
+    from figures import common
+    from sweeps import cli
+
+    if args.results:
+        os.environ["DYNAMICS_RESULTS"] = args.results
+    names = args.figures or figure_names()
+    unknown = [n for n in names if n not in figure_names()]
+    if unknown:
+        sys.stderr.write(
+            f"error: FIG: unknown figure {unknown[0]!r}; known: {', '.join(figure_names())}\n"
+        )
+        return 2
+    t0 = time.perf_counter()
+    for name in names:
+        module = importlib.import_module(f"figures.{name}")
+        datasets = {}
+        for sweep in module.SWEEPS:
+            try:
+                datasets[sweep] = common.open_results(sweep)
+            except FileNotFoundError:
+                print(f"[figures] running sweep {sweep} for {name}", flush=True)
+                sets = [x for s in args.set for x in ("--set", s)]
+                rc = cli.main(["run", sweep, "--out", common.results_dir(), "--quiet", *sets])
+                if rc:
+                    return rc
+                datasets[sweep] = common.open_results(sweep)
+        for path in module.draw(datasets):
+            print(f"[figures] {name}: wrote {path}")
+    print(f"[figures] done in {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

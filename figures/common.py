@@ -1,0 +1,93 @@
+"""Shared by every figure script: the one loader of stored results, seed bands, captions,
+saving to PNG and PDF under figures/out/."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+OUT = Path(__file__).resolve().parent / "out"
+
+
+def results_dir() -> str:
+    return os.environ.get("DYNAMICS_RESULTS", "results")
+
+
+def store_path(name: str, results: str | None = None) -> str:
+    return f"{(results or results_dir()).rstrip('/')}/{name}.zarr"
+
+
+def open_results(name: str, results: str | None = None):
+    """The stored dataset of sweep `name` (results/NAME.zarr); fails if absent or unfinished."""
+    import xarray as xr
+
+    path = store_path(name, results)
+    try:
+        ds = xr.open_zarr(path)
+    except (FileNotFoundError, KeyError, ValueError) as e:
+        raise FileNotFoundError(
+            f"no results for sweep {name!r} at {path}: run `python -m sweeps run {name}`"
+        ) from e
+    if not ds.attrs.get("complete", False):
+        raise FileNotFoundError(
+            f"results for sweep {name!r} at {path} are unfinished: run it again to resume"
+        )
+    return ds
+
+
+def setup():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plt.rcParams.update(
+        {
+            "figure.dpi": 100,
+            "savefig.dpi": 100,
+            "font.size": 9,
+            "axes.titlesize": 9,
+            "axes.labelsize": 9,
+            "legend.fontsize": 7,
+            "axes.spines.top": False,
+            "axes.spines.right": False,
+        }
+    )
+    return plt
+
+
+def band(ax, x, da, dim: str = "seed", label=None, color=None, log: bool = False, **kw):
+    """Mean over `dim` as a line and the spread over `dim` (min to max) as a band.
+
+    log=True takes the geometric mean (for quantities plotted on a log axis).
+    """
+    v = np.asarray(da.transpose(dim, ...).values, float)
+    if log:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            center = np.exp(np.nanmean(np.log(v), axis=0))
+    else:
+        center = np.nanmean(v, axis=0)
+    lo, hi = np.nanmin(v, axis=0), np.nanmax(v, axis=0)
+    (line,) = ax.plot(x, center, label=label, color=color, **kw)
+    if v.shape[0] > 1:
+        ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
+    return line
+
+
+def caption(fig, text: str) -> None:
+    """One line under the figure naming the setup."""
+    fig.text(0.5, 0.005, text, ha="center", va="bottom", fontsize=7, color="0.3", wrap=True)
+
+
+def save(fig, name: str) -> list[Path]:
+    """Write figures/out/NAME.png (small, committed for the README) and NAME.pdf."""
+    OUT.mkdir(parents=True, exist_ok=True)
+    paths = [OUT / f"{name}.png", OUT / f"{name}.pdf"]
+    fig.savefig(paths[0], bbox_inches="tight")
+    fig.savefig(paths[1], bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return paths

@@ -504,6 +504,7 @@ def execute(
     from jax.sharding import Mesh
 
     dist = dist or Distributed()
+    url = _store.normalize(url)
     fp = res.fingerprint()
     lock = None
     if dist.index == 0:

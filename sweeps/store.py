@@ -37,6 +37,11 @@ def is_local(url: str) -> bool:
     return "://" not in url or url.startswith("file://")
 
 
+def normalize(url: str) -> str:
+    """file:// URLs become plain paths (Zarr's local store creates directories as it goes)."""
+    return str(local_path(url)) if url.startswith("file://") else url
+
+
 def local_path(url: str) -> Path:
     return Path(url[len("file://") :] if url.startswith("file://") else url)
 

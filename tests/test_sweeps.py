@@ -1,0 +1,355 @@
+"""The sweep runner end to end: stores equal single runs, across devices, processes, kills and
+resumes; divergence stays local; bad input exits 2 before anything is compiled or written."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+import xarray as xr
+
+from dynamics.steps import Hparams
+from dynamics.train import make_run
+from sweeps import cli, runner
+from sweeps.spec import build_specs, load_sweep, parse_overrides, resolve
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "tests" / "configs" / "tiny.py")
+
+
+def run_inprocess(out, *sets, chunk=None, **kw):
+    res = resolve(load_sweep(TINY), parse_overrides(sets))
+    return runner.execute(res, build_specs(res), str(out), chunk_runs=chunk, progress=False, **kw)
+
+
+def run_cli(out, *args, env=None, timeout=300):
+    cmd = [sys.executable, "-m", "sweeps", "run", TINY, "--out", str(out), "--quiet", *args]
+    e = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    return subprocess.run(cmd, cwd=ROOT, env=e, capture_output=True, text=True, timeout=timeout)
+
+
+def assert_same_store(a, b, rtol=1e-6, atol=1e-7):
+    da, db = xr.open_zarr(a), xr.open_zarr(b)
+    assert set(da.data_vars) == set(db.data_vars)
+    for name in da.data_vars:
+        x, y = da[name].values, db[name].values
+        assert x.shape == y.shape, name
+        np.testing.assert_allclose(x, y, rtol=rtol, atol=atol, equal_nan=True, err_msg=name)
+    for c in da.coords:
+        np.testing.assert_array_equal(da[c].values, db[c].values)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The tiny sweep run once in this process (four simulated devices)."""
+    out = tmp_path_factory.mktemp("ref") / "tiny.zarr"
+    summary = run_inprocess(out, chunk=4)
+    return out, summary
+
+
+def test_store_layout(reference):
+    out, summary = reference
+    ds = xr.open_zarr(out)
+    assert summary.runs == 16 and summary.runs_now == 16
+    assert list(ds["status"].dims) == ["seed", "lr", "batch_size", "weight_decay"]
+    assert ds["sv"].dims[-3:] == ("step", "layer", "sv_index")
+    assert ds["loss"].dims == ("seed", "lr", "batch_size", "weight_decay", "step")
+    np.testing.assert_array_equal(ds.step.values, [0, 10, 20, 30, 40])
+    assert int((ds["status"] == 0).sum()) == 16
+    for key in (
+        "spec_source",
+        "package_versions",
+        "git_commit",
+        "device_kind",
+        "device_count",
+        "compile_seconds",
+        "run_seconds",
+        "fingerprint",
+    ):
+        assert key in ds.attrs, key
+    assert ds.attrs["complete"] is True
+    assert ds.attrs["device_count"] == 4
+    # costly observables only every slow_every=2 records, cheap ones at every record
+    assert np.isnan(ds["rank"].isel(step=1)).all() and np.isfinite(ds["rank"].isel(step=2)).all()
+    assert np.isfinite(ds["rho"]).all()
+    # .sel by the values a user types
+    assert ds["loss"].sel(lr=0.05, batch_size=4, weight_decay=1e-3, seed=1).shape == (5,)
+
+
+def test_sweep_run_equals_run_alone(reference, tmp_path):
+    """A run's numbers in the sweep equal the same run executed alone, by the CLI and by hand."""
+    out, _ = reference
+    point = dict(seed=1, lr=0.2, batch_size=4, weight_decay=1e-3)
+    single = tmp_path / "single.zarr"
+    run_inprocess(single, *[f"{k}={v}" for k, v in point.items()])
+    full = xr.open_zarr(out).sel(point)
+    alone = xr.open_zarr(single).isel(seed=0, lr=0, batch_size=0, weight_decay=0)
+    for name in full.data_vars:
+        np.testing.assert_allclose(
+            full[name].values,
+            alone[name].values,
+            rtol=1e-6,
+            atol=1e-7,
+            equal_nan=True,
+            err_msg=name,
+        )
+    # and the library alone: make_run on the same spec, no runner
+    res = resolve(load_sweep(TINY))
+    ((_, spec),) = build_specs(res)
+    import dataclasses
+
+    run = jax.jit(make_run(dataclasses.replace(spec, batch=4)))
+    trace = run(Hparams(lr=0.2, weight_decay=1e-3, batch_size=4), jax.random.key(1))
+    np.testing.assert_allclose(np.asarray(trace["loss"]), full["loss"].values, rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(trace["sv"]), full["sv"].values, rtol=1e-5, equal_nan=True
+    )
+
+
+def test_mask_strategy_equals_bucket(reference, tmp_path):
+    """Grouping runs by batch size and masking them at the largest size give the same store."""
+    out, summary = reference
+    assert summary.programs == 2  # one program per batch size
+    masked = tmp_path / "mask.zarr"
+    s = run_inprocess(masked, "batch_strategy=mask", chunk=8)
+    assert s.programs == 1
+    da, db = xr.open_zarr(out), xr.open_zarr(masked)
+    for name in ("loss", "rho", "sv", "grad_cos", "grad_norm"):
+        np.testing.assert_allclose(
+            da[name].values, db[name].values, rtol=2e-5, atol=1e-6, equal_nan=True, err_msg=name
+        )
+
+
+def test_resume_skips_done_chunks(tmp_path):
+    out = tmp_path / "r.zarr"
+    first = run_inprocess(out, chunk=4)
+    assert first.runs_now == 16
+    again = run_inprocess(out, chunk=4)
+    assert again.runs_now == 0 and again.runs_resumed == 16 and again.programs == 0
+
+
+def test_different_spec_refused(reference, tmp_path, capsys):
+    out, _ = reference
+    rc = cli.main(["run", TINY, "--out", str(out), "--set", "steps=80"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith("error: --out:") and "different sweep spec" in err
+    assert len(err.splitlines()) == 1
+
+
+def test_second_writer_refused(tmp_path):
+    out = tmp_path / "w.zarr"
+    from sweeps.store import Lock, StoreError
+
+    holder = Lock(str(out))
+    holder.acquire()
+    try:
+        with pytest.raises(StoreError, match="being written"):
+            run_inprocess(out)
+    finally:
+        holder.release()
+    assert not out.exists()
+
+
+def test_divergence_is_local(tmp_path):
+    """A run driven to divergence is flagged with its step; its neighbours' numbers are those
+    of a sweep without it."""
+    wild = tmp_path / "wild.zarr"
+    tame = tmp_path / "tame.zarr"
+    run_inprocess(wild, "lr=0.05,1e30", chunk=16)
+    run_inprocess(tame, "lr=0.05", chunk=16)
+    dw, dt = xr.open_zarr(wild), xr.open_zarr(tame)
+    bad = dw.sel(lr=1e30)
+    assert (bad["status"] == 1).all()
+    assert (bad["diverged_step"] >= 1).all()
+    assert np.isnan(bad["loss"].isel(step=-1)).all()
+    assert np.isfinite(bad["loss"].isel(step=0)).all()  # the record before divergence is kept
+    good = dw.sel(lr=0.05)
+    assert (good["status"] == 0).all()
+    for name in ("loss", "rho", "sv", "grad_cos"):
+        np.testing.assert_allclose(
+            good[name].values,
+            dt[name].sel(lr=0.05).values,
+            rtol=1e-6,
+            atol=1e-7,
+            equal_nan=True,
+            err_msg=name,
+        )
+    assert dw.attrs["diverged"] == 8
+
+
+def test_fsspec_url(tmp_path):
+    out = f"file://{tmp_path}/u.zarr"
+    s = run_inprocess(out, "seed=0", "lr=0.05", chunk=8)
+    assert s.runs == 4
+    assert xr.open_zarr(out)["loss"].notnull().all()
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def test_devices_and_processes_give_the_same_store(reference, tmp_path):
+    """One simulated device, four, and two processes with --distributed: the same store."""
+    ref, _ = reference
+    one = tmp_path / "one.zarr"
+    r = run_cli(one, "--devices", "1", "--chunk", "4")
+    assert r.returncode == 0, r.stderr
+    assert_same_store(ref, one)
+    four = tmp_path / "four.zarr"
+    r = run_cli(four, "--devices", "4", "--chunk", "4")
+    assert r.returncode == 0, r.stderr
+    assert_same_store(ref, four)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist = tmp_path / "dist.zarr"
+    args = [
+        "--devices",
+        "1",
+        "--chunk",
+        "4",
+        "--distributed",
+        "--coordinator",
+        f"127.0.0.1:{port}",
+        "--num-processes",
+        "2",
+    ]
+    cmd = [sys.executable, "-m", "sweeps", "run", TINY, "--out", str(dist), "--quiet", *args]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    procs = [
+        subprocess.Popen(
+            cmd + ["--process-id", str(i)],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (_out, e) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, e
+    assert "16 runs" in outs[0][0] and outs[1][0] == ""  # process 0 reports for both
+    assert xr.open_zarr(dist).attrs["process_count"] == 2
+    assert_same_store(ref, dist)
+
+
+def _done(out: Path) -> int:
+    import zarr
+
+    try:
+        return int(np.sum(zarr.open_group(str(out), mode="r")["progress"]["done"][:]))
+    except Exception:
+        return 0
+
+
+def test_sigkill_then_resume(reference, tmp_path):
+    """Kill -9 part-way, run the same command again: the store equals an uninterrupted run's,
+    and the second run redoes no finished chunk."""
+    ref, _ = reference
+    out = tmp_path / "k.zarr"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # 2000 steps per run makes each 1-run chunk take long enough to be caught in the middle.
+    sets = ["--set", "steps=2000", "--set", "record_every=500", "--chunk", "1"]
+
+    def command(path):
+        return [sys.executable, "-m", "sweeps", "run", TINY, "--out", str(path), "--quiet", *sets]
+
+    cmd = command(out)
+    full = tmp_path / "full.zarr"
+    done = subprocess.run(command(full), cwd=ROOT, env=env, capture_output=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    while _done(out) < 3 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = _done(out)
+    assert 3 <= before < 16, f"kill landed outside the run ({before} chunks done)"
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert f"({16 - before} run now, {before} already done)" in r.stdout
+    assert_same_store(full, out)
+
+
+# --------------------------------------------------------------------------- bad input
+
+BAD = [
+    (["run", "no_such_sweep"], "sweep"),
+    (["run", TINY, "--set", "lrr=0.1"], "lrr"),
+    (["run", TINY, "--set", "steps=many"], "steps"),
+    (["run", TINY, "--set", "batch_size=1.5"], "batch_size"),
+    (["run", TINY, "--set", "lr=0,0.1"], "lr"),
+    (["run", TINY, "--set", "lr=-0.1"], "lr"),
+    (["run", TINY, "--set", "weight_decay=-1e-3"], "weight_decay"),
+    (["run", TINY, "--set", "batch_size=100000"], "batch_size"),
+    (["run", TINY, "--set", "record_every=7"], "record_every"),
+    (["run", TINY, "--set", "scale=huge"], "scale"),
+    (["run", TINY, "--set", "lr"], "--set"),
+    (["run", TINY, "--set", "momentum=1.5"], "momentum"),
+    (["run", TINY, "--set", "seed=-1"], "seed"),
+    (["run", TINY, "--set", "lr="], "lr"),
+    (["run", TINY, "--chunk", "0"], "--chunk"),
+    (["run", TINY, "--set", "batch_strategy=sometimes"], "batch_strategy"),
+    (["run", TINY, "--set", "width=wide"], "width"),
+    (["run"], "name"),
+]
+
+
+@pytest.mark.parametrize("argv,field", BAD, ids=[" ".join(a[2:] or a) for a, _ in BAD])
+def test_bad_input_exits_2(argv, field, tmp_path, capsys, monkeypatch):
+    def no_compile(*a, **k):
+        raise AssertionError("bad input reached compilation")
+
+    monkeypatch.setattr(runner, "Program", no_compile)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) if argv == ["run"] else _null():
+        rc = cli.main(argv + ["--out", str(out)])
+        assert rc == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("error:") and field in err, err
+    assert not out.exists() and not Path(str(out) + ".lock").exists()
+
+
+def test_unwritable_output_exits_2(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    rc = cli.main(["run", TINY, "--out", str(blocker / "sub" / "x.zarr")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith("error: --out:") and len(err.splitlines()) == 1
+    assert blocker.read_text() == "not a directory"
+
+
+def test_cli_subprocess_exit_status(tmp_path):
+    r = run_cli(tmp_path / "x", "--set", "record_every=3")
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()]
+    assert "record_every" in r.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_show_and_list(reference, capsys):
+    out, _ = reference
+    assert cli.main(["show", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "16 finished, 0 diverged, 0 not run" in text and "batch_size[2]" in text
+    assert cli.main(["list"]) == 0
+    assert "default" in capsys.readouterr().out
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False

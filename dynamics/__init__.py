@@ -49,7 +49,15 @@ from dynamics.steps import (
     optax_stepper,
     sgd,
 )
-from dynamics.train import OBSERVABLES, RunData, RunSpec, describe, make_loss_fn, make_run
+from dynamics.train import (
+    OBSERVABLES,
+    RunData,
+    RunSpec,
+    describe,
+    hparams,
+    make_loss_fn,
+    make_run,
+)
 
 __version__ = "0.1.0"
 
@@ -110,6 +118,7 @@ __all__ = [
     "RunData",
     "RunSpec",
     "describe",
+    "hparams",
     "make_loss_fn",
     "make_run",
 ]

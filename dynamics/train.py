@@ -232,6 +232,28 @@ def as_hparams(hp) -> Hparams:
     )
 
 
+def hparams(**fields) -> Hparams:
+    """Hparams of equal-length arrays, one entry per run, defaults filled in.
+
+    `hparams(lr=[0.1, 0.2], weight_decay=[0, 1e-3])` gives lr, weight_decay of shape (2,) and the
+    other fields at their defaults (batch_size 0: the spec's batch), ready for `vmap(run)`.
+    """
+    unknown = set(fields) - set(Hparams._fields)
+    if unknown:
+        raise ValueError(f"hparams: unknown field {sorted(unknown)[0]!r}; fields: {Hparams._fields}")
+    lengths = {len(np.atleast_1d(v)) for v in fields.values()}
+    if len(lengths) > 1:
+        raise ValueError(f"hparams: fields have different lengths {sorted(lengths)}")
+    n = lengths.pop() if lengths else 1
+    defaults = Hparams(batch_size=0)
+    out = {}
+    for f in Hparams._fields:
+        v = np.atleast_1d(fields.get(f, getattr(defaults, f)))
+        v = np.broadcast_to(v, (n,))
+        out[f] = jnp.asarray(v, jnp.int32 if f == "batch_size" else jnp.float32)
+    return Hparams(**out)
+
+
 def make_loss_fn(model: Model, loss: str | Callable) -> Callable[[Any, Batch], jax.Array]:
     """loss_fn(params, batch) = loss(model.apply(params, batch.x, mask), batch.y, batch.weights)."""
     loss = _losses.LOSSES[loss] if isinstance(loss, str) else loss

@@ -12,8 +12,8 @@ Structure (no Python step loop, no host synchronization):
 `jax.jit(jax.vmap(run))` over a grid of `Hparams` compiles once and gives every run the
 numbers it gets alone. Batch size is traced: a batch always has the static size `spec.batch`
 and its first `hp.batch_size` examples carry weight 1/hp.batch_size (the rest 0), so a masked
-batch gives the gradient of the smaller batch; batch indices are drawn one per slot
-(`fold_in(key_t, i)`), so a run's batches do not depend on the static batch size either and
+batch gives the gradient of the smaller batch; batch indices
+are drawn so that the first b of them do not depend on the static size B, so
 grouping runs by batch size ("bucketing") gives the same numbers as masking.
 
 A run whose loss or parameters become non-finite is marked diverged at that step; its state
@@ -126,7 +126,7 @@ class RunSpec:
     slow_every: costly observables every that many records (NaN in between);
     batch: the static batch dimension (the largest batch size of a sweep, or the exact size when
     runs are grouped by it); sampling: "replacement" (each slot i of step t draws an index
-    uniformly, from fold_in(key_t, i)), "permutation" (the first `batch` entries of a fresh
+    uniformly; slot i's draw does not depend on B), "permutation" (the first `batch` entries of a fresh
     random permutation per step: without replacement) or "full" (the whole training set in
     order: gradient descent); eval_size: records evaluate the first eval_size training
     examples; rank_tol: tolerance of `rank`; spectrum_method: "svd" or "gram";
@@ -240,7 +240,9 @@ def hparams(**fields) -> Hparams:
     """
     unknown = set(fields) - set(Hparams._fields)
     if unknown:
-        raise ValueError(f"hparams: unknown field {sorted(unknown)[0]!r}; fields: {Hparams._fields}")
+        raise ValueError(
+            f"hparams: unknown field {sorted(unknown)[0]!r}; fields: {Hparams._fields}"
+        )
     lengths = {len(np.atleast_1d(v)) for v in fields.values()}
     if len(lengths) > 1:
         raise ValueError(f"hparams: fields have different lengths {sorted(lengths)}")
@@ -334,6 +336,10 @@ def make_run(spec: RunSpec) -> Callable:
             return Batch(data.x_train, data.y_train, w)
         if spec.sampling == "permutation":
             idx = jax.random.permutation(key, n_train)[:B]
+        elif jax.config.jax_threefry_partitionable:
+            # Partitionable threefry draws element i from counter i alone, so the first b
+            # indices are the same whatever the static batch B: one draw suffices.
+            idx = jax.random.randint(key, (B,), 0, n_train)
         else:
             slots = jnp.arange(B, dtype=jnp.uint32)
             idx = jax.vmap(

@@ -13,15 +13,17 @@ plus optional "b" (bias), "gamma"/"beta" (affine normalization) and, for blocks 
 matrix, "w2". Dense weights are (out, in); conv kernels (out, in, *kernel).
 
 Initialization (`init=`), with fan_in = in * prod(kernel) and `gain` (default sqrt 2 after ReLU,
-1 otherwise); every scheme gives entries of variance gain^2 / fan_in except "frobenius":
+1 otherwise); "gaussian" and "uniform" give entries of variance gain^2 / fan_in:
   "gaussian":    W_ij ~ N(0, gain^2 / fan_in)
   "uniform":     W_ij ~ U(-a, a), a = gain sqrt(3 / fan_in)   (PyTorch's default is gain = 1/sqrt 3)
-  "orthogonal":  W = gain Q, Q with orthonormal rows or columns (conv: of the (out, in*k) reshape)
+  "orthogonal":  W = gain Q, Q with orthonormal rows (out <= fan_in: entry variance gain^2/fan_in)
+                 or columns (out > fan_in: gain^2/out); conv kernels through the (out, in*k) reshape
   "frobenius":   W = scale G / ||G||_F with G Gaussian, so ||W||_F = scale for every layer.
 Parameterization (`parameterization=`):
   "standard":    layer output = W x, W initialized as above;
   "ntk":         layer output = (gain / sqrt(fan_in)) W x with W stored divided by that factor, so
                  the function at initialization is the same and only the gradient scale differs.
+                 Observables (norms, spectra, rho) read the stored, trained W, not (gain/sqrt(fan_in)) W.
 """
 
 from __future__ import annotations
@@ -180,6 +182,13 @@ _DIMENSION_NUMBERS = {1: ("NCH", "OIH", "NCH"), 2: ("NCHW", "OIHW", "NCHW")}
 def _conv(p, x, c, stride, padding):
     w = layer_weight(p)
     nd = w.ndim - 2
+    if all(k == 1 for k in w.shape[2:]) and stride == 1:
+        # A 1x1 convolution as a contraction over channels (the same numbers): vmapped over
+        # runs, conv_general_dilated becomes a grouped convolution that XLA's SPMD partitioner
+        # miscompiles when the run axis is sharded and the layer has fewer output channels than
+        # devices ("output feature dimension ... divisible by feature_group_count").
+        y = c * jnp.einsum("oi,bi...->bo...", w.reshape(w.shape[:2]), x)
+        return y + p["b"].reshape((1, -1) + (1,) * nd) if "b" in p else y
     x = _pad_spatial(x, w.shape[2:], padding)
     pad = {"circular": "VALID", "valid": "VALID", "zero": "SAME"}[padding]
     y = c * lax.conv_general_dilated(
@@ -525,12 +534,21 @@ def from_flax(module, example_x, *, features_method: str | None = None) -> Model
     `features_method`, if given, names a method returning the penultimate features.
     example_x: one batch of inputs, used to trace shapes once.
     """
-    shapes = jax.eval_shape(lambda k: module.init(k, example_x), jax.random.key(0))
+    # eval_shape returns dicts with sorted keys ("Dense_10" before "Dense_2"); the creation
+    # order is read from the variables inside the trace instead.
+    order: list[list[str]] = []
+
+    def _init(k):
+        variables = module.init(k, example_x)
+        order.append(list(variables.get("params", {}).keys()))
+        return variables
+
+    shapes = jax.eval_shape(_init, jax.random.key(0))
     if set(shapes) != {"params"}:
         raise ValueError(
             f"from_flax supports modules with only 'params'; this one also has {sorted(set(shapes) - {'params'})}"
         )
-    names = list(shapes["params"].keys())
+    names = order[0]
 
     def init_fn(key):
         p = module.init(key, example_x)["params"]
@@ -561,9 +579,12 @@ def from_nnx(make_module: Callable[[Any], Any]) -> Model:
     """
     from flax import nnx
 
-    graphdef, state = nnx.split(make_module(nnx.Rngs(0)))
+    module = make_module(nnx.Rngs(0))
+    graphdef, state = nnx.split(module)
     pure = nnx.to_pure_dict(state)
-    names = list(pure.keys())
+    # the pure dict's keys are sorted; the attribute (creation) order comes from the module.
+    attrs = [n for n in vars(module) if n in pure]
+    names = attrs + [n for n in pure if n not in attrs]
 
     def init_fn(key):
         _, st = nnx.split(make_module(nnx.Rngs(key)))

@@ -39,7 +39,9 @@ def batch_norm(x, mask=None, p: str = "l2", k: int = 10, eps: float = 1e-5):
       linf: x_hat = d / (c_n * mean(top_k |d|) + eps),
             c_n = (1 + sqrt(pi ln 4)) / (2 sqrt(2 ln n)), n the number of pooled values.
     Means run over the examples with mask True only (mask: (batch,) bool or weights; None keeps
-    all). The scaling constants make each form agree with l2 on Gaussian inputs.
+    all). The scaling constants make each form agree with l2 on Gaussian inputs: l1 exactly
+    in expectation; linf (Hoffer et al.'s constant for top-10) only roughly, the output's
+    standard deviation drifting from about 1.1 at n = 32 to 0.8 at n = 4096 pooled values.
 
     x: (batch, features) or (batch, channels, *spatial). Returns an array of x's shape.
     """

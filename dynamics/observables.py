@@ -147,11 +147,16 @@ def _dot(a, b):
 def grad_cosines(g_prev, g) -> tuple[jax.Array, jax.Array]:
     """Cosine between gradients of adjacent iterations (Morchdi et al. 2023).
 
-    Returns (per-layer cosines (L,), cosine of the whole parameter vectors ()).
+    Returns (per-layer cosines (L,), cosine of the whole parameter vectors ()). A cosine
+    with an exactly zero gradient (a minibatch on which every ReLU of a layer is dead) is 0,
+    not 0/0, so one such step does not turn a record's mean into NaN.
     """
-    per = _per_layer(lambda a, b: _dot(a, b) / jnp.sqrt(_sq(a) * _sq(b)), g_prev, g)
-    whole = _dot(g_prev, g) / jnp.sqrt(_sq(g_prev) * _sq(g))
-    return per, whole
+
+    def cos(a, b):
+        den = jnp.sqrt(_sq(a)) * jnp.sqrt(_sq(b))
+        return jnp.where(den > 0, _dot(a, b) / jnp.where(den > 0, den, 1.0), 0.0)
+
+    return _per_layer(cos, g_prev, g), cos(g_prev, g)
 
 
 @_no_grad
@@ -208,7 +213,7 @@ def neural_collapse(h, labels, W, pred, num_classes: int) -> dict[str, jax.Array
     counts = jnp.sum(onehot, axis=0)
     mu = (onehot.T @ h) / counts[:, None]  # (C, d)
     mu_g = jnp.mean(h, axis=0)
-    M = mu - mu_g
+    M = mu - mu_g[None, :]
     within = h - onehot @ mu
     S_W = within.T @ within / h.shape[0]
     S_B = M.T @ M / C

@@ -27,13 +27,14 @@ from dynamics import norms as _norms
 class Hparams(NamedTuple):
     """Hyperparameters a sweep varies: traced arrays, passed at call time, never closed over.
 
-    batch_size is the true batch size of a masked batch (see `train.make_run`); init_scale
-    multiplies every layer's weight at initialization.
+    batch_size is the true batch size of a masked batch (see `train.make_run`); 0, the default,
+    means the spec's whole static batch. init_scale multiplies every layer's weight at
+    initialization.
     """
 
     lr: Any = 0.1
     weight_decay: Any = 0.0
-    batch_size: Any = 1
+    batch_size: Any = 0
     momentum: Any = 0.0
     init_scale: Any = 1.0
 

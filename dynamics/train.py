@@ -247,7 +247,7 @@ def hparams(**fields) -> Hparams:
     if len(lengths) > 1:
         raise ValueError(f"hparams: fields have different lengths {sorted(lengths)}")
     n = lengths.pop() if lengths else 1
-    defaults = Hparams(batch_size=0)
+    defaults = Hparams()
     out = {}
     for f in Hparams._fields:
         v = np.atleast_1d(fields.get(f, getattr(defaults, f)))
@@ -280,7 +280,7 @@ def _tree_where(c, a, b):
 
 
 def _all_finite(tree) -> jax.Array:
-    return jnp.isfinite(sum(jnp.sum(x) for x in jax.tree.leaves(tree)))
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
 def describe(spec: RunSpec) -> dict[str, tuple[str, ...]]:

@@ -60,12 +60,55 @@ def max_singular_values(params) -> int:
     return max(min(s.shape) for s in shapes)
 
 
+def _serialize_lapack() -> bool:
+    """Whether batched LAPACK calls must be split into one call per matrix.
+
+    XLA's CPU LAPACK kernels spread a batch over the intra-op thread pool and block until it is
+    done. When several CPU devices execute at once (simulated devices), every pool thread can
+    end up blocked that way and the program deadlocks; one call per matrix never waits on the
+    pool. Decided when a program is traced.
+    """
+    return jax.default_backend() == "cpu" and jax.local_device_count() > 1
+
+
+def _one_matrix_at_a_time(fn):
+    """fn(matrix) that, under vmap on several CPU devices, loops over the batch (lax.map)
+    instead of making one batched LAPACK call (see `_serialize_lapack`)."""
+    f = jax.custom_batching.custom_vmap(fn)
+
+    @f.def_vmap
+    def rule(axis_size, in_batched, x):
+        (batched,) = in_batched
+        if not batched:
+            return f(x), False
+        if not _serialize_lapack():
+            return jax.vmap(fn)(x), True
+        return jax.lax.map(f, x), True
+
+    return f
+
+
+@_one_matrix_at_a_time
+def _svd_values(w):
+    return jnp.linalg.svd(w, compute_uv=False)
+
+
+@_one_matrix_at_a_time
+def _eigvalsh(g):
+    return jnp.linalg.eigvalsh(g)
+
+
+@_one_matrix_at_a_time
+def _pinv_hermitian(a):
+    return jnp.linalg.pinv(a, hermitian=True)
+
+
 def _svals(w, method):
     if method == "svd":
-        return jnp.linalg.svd(w, compute_uv=False)
+        return _svd_values(w)
     # "gram": eigenvalues of the smaller Gram matrix, s_i = sqrt(lambda_i).
     g = w @ w.T if w.shape[0] <= w.shape[1] else w.T @ w
-    ev = jnp.linalg.eigvalsh(g)[::-1]
+    ev = _eigvalsh(g)[::-1]
     return jnp.sqrt(jnp.maximum(ev, 0.0))
 
 
@@ -217,7 +260,7 @@ def neural_collapse(h, labels, W, pred, num_classes: int) -> dict[str, jax.Array
     within = h - onehot @ mu
     S_W = within.T @ within / h.shape[0]
     S_B = M.T @ M / C
-    nc1 = jnp.trace(S_W @ jnp.linalg.pinv(S_B, hermitian=True)) / C
+    nc1 = jnp.trace(S_W @ _pinv_hermitian(S_B)) / C
 
     norms = jnp.linalg.norm(M, axis=1)
     Mn = M / norms[:, None]

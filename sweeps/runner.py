@@ -401,11 +401,18 @@ class Program:
         shard = NamedSharding(mesh, P("runs"))
         repl = NamedSharding(mesh, P())
         self.data = jax.device_put(run_data(spec), repl)
-        self.fn = jax.jit(
+        # shard_map, not jit's automatic partitioning: every device runs the vmapped program on
+        # its own runs with no communication at all. (Partitioning the vmapped LAPACK calls of
+        # the spectra automatically inserts cross-device collectives, which deadlock on
+        # simulated CPU devices.)
+        local = jax.shard_map(
             jax.vmap(one, in_axes=(0, 0, None)),
-            in_shardings=(shard, shard, repl),
-            out_shardings=shard,
+            mesh=mesh,
+            in_specs=(P("runs"), P("runs"), P()),
+            out_specs=P("runs"),
+            check_vma=False,  # runs are independent: nothing is replicated or reduced
         )
+        self.fn = jax.jit(local, in_shardings=(shard, shard, repl), out_shardings=shard)
         self.shard = shard
         self.n_pad = n_pad
         self.compiled = None

@@ -186,6 +186,29 @@ def _dot(a, b):
     return sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
 
 
+def layer_sq_norms(grads) -> jax.Array:
+    """Per-layer squared norms ||g_k||^2 (L,): the parts from which norms and cosines are built."""
+    return _per_layer(_sq, grads)
+
+
+def layer_dots(a, b) -> jax.Array:
+    """Per-layer inner products <a_k, b_k> (L,)."""
+    return _per_layer(_dot, a, b)
+
+
+def cosines_from_parts(dots, sq_a, sq_b) -> tuple[jax.Array, jax.Array]:
+    """(per-layer cosines, whole-vector cosine) from per-layer <a_k, b_k>, ||a_k||^2, ||b_k||^2.
+
+    A cosine with an exactly zero vector is 0, not 0/0.
+    """
+
+    def cos(d, x, y):
+        den = jnp.sqrt(x) * jnp.sqrt(y)
+        return jnp.where(den > 0, d / jnp.where(den > 0, den, 1.0), 0.0)
+
+    return cos(dots, sq_a, sq_b), cos(jnp.sum(dots), jnp.sum(sq_a), jnp.sum(sq_b))
+
+
 @_no_grad
 def grad_cosines(g_prev, g) -> tuple[jax.Array, jax.Array]:
     """Cosine between gradients of adjacent iterations (Morchdi et al. 2023).
@@ -194,12 +217,7 @@ def grad_cosines(g_prev, g) -> tuple[jax.Array, jax.Array]:
     with an exactly zero gradient (a minibatch on which every ReLU of a layer is dead) is 0,
     not 0/0, so one such step does not turn a record's mean into NaN.
     """
-
-    def cos(a, b):
-        den = jnp.sqrt(_sq(a)) * jnp.sqrt(_sq(b))
-        return jnp.where(den > 0, _dot(a, b) / jnp.where(den > 0, den, 1.0), 0.0)
-
-    return _per_layer(cos, g_prev, g), cos(g_prev, g)
+    return cosines_from_parts(layer_dots(g_prev, g), layer_sq_norms(g_prev), layer_sq_norms(g))
 
 
 @_no_grad

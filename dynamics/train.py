@@ -269,7 +269,8 @@ def make_loss_fn(model: Model, loss: str | Callable) -> Callable[[Any, Batch], j
 
 class _Carry(NamedTuple):
     state: Any
-    prev_grads: Any
+    prev_grads: Any  # the last step's gradient, kept only for adjacent-gradient cosines
+    grad_sq: Any  # per-layer ||g_k||^2 of the last step's gradient (L,), when needed
     acc: dict
     diverged: jax.Array
     diverged_step: jax.Array
@@ -374,8 +375,7 @@ def make_run(spec: RunSpec) -> Callable:
         if "batch_loss" in want:
             out["batch_loss"] = acc["loss"] / acc["steps"]
         if "grad_norm" in want:
-            g = obs.grad_norms(carry.prev_grads)
-            out["grad_norm"] = jnp.where(acc["steps"] > 0, g, jnp.nan)
+            out["grad_norm"] = jnp.where(acc["steps"] > 0, jnp.sqrt(carry.grad_sq), jnp.nan)
         if track_cos:
             out["grad_cos"] = acc["cos"] / acc["pairs"]
             out["grad_cos_global"] = acc["cos_g"] / acc["pairs"]
@@ -444,8 +444,11 @@ def make_run(spec: RunSpec) -> Callable:
         k_obs = jax.random.fold_in(key, 7)
         params = scale_weights(model.init(k_init), hp.init_scale)
         state = stepper.init_fn(params)
-        zeros = jax.tree.map(jnp.zeros_like, params)
-        carry = _Carry(state, zeros, zero_acc(), jnp.zeros((), bool), jnp.full((), -1, jnp.int32))
+        prev0 = jax.tree.map(jnp.zeros_like, params) if track_cos else ()
+        sq0 = jnp.zeros((n_layers,), jnp.float32) if track_grad else ()
+        carry = _Carry(
+            state, prev0, sq0, zero_acc(), jnp.zeros((), bool), jnp.full((), -1, jnp.int32)
+        )
 
         def step(c: _Carry, t):
             batch = sample(jax.random.fold_in(k_data, t), hp, data)
@@ -459,8 +462,12 @@ def make_run(spec: RunSpec) -> Callable:
             acc["steps"] = acc["steps"] + inc
             if track_loss:
                 acc["loss"] = acc["loss"] + jnp.where(live, info.loss, 0.0)
+            # Per-step statistics cost a few passes over the gradient: its per-layer squared
+            # norms (kept for the next step's cosine) and its inner products with the last one.
+            grad_sq = obs.layer_sq_norms(info.grads) if track_grad else ()
             if track_cos:
-                per, whole = obs.grad_cosines(c.prev_grads, info.grads)
+                dots = obs.layer_dots(c.prev_grads, info.grads)
+                per, whole = obs.cosines_from_parts(dots, c.grad_sq, grad_sq)
                 pair = live & (t > 1)
                 pf = pair.astype(jnp.float32)
                 acc["pairs"] = acc["pairs"] + pf
@@ -471,9 +478,11 @@ def make_run(spec: RunSpec) -> Callable:
             if track_update:
                 upd = obs.update_sizes(c.state.params, state.params, hp.lr)
                 acc["upd"] = acc["upd"] + jnp.where(live, upd, 0.0)
-            prev = _tree_where(live, info.grads, c.prev_grads) if track_grad else c.prev_grads
+            # After divergence nothing reads the gradients any more (pairs and records are
+            # masked), so they are carried without a select.
+            prev = info.grads if track_cos else ()
             div_step = jnp.where(c.diverged | ok, c.diverged_step, t.astype(jnp.int32))
-            return _Carry(state, prev, acc, diverged, div_step), None
+            return _Carry(state, prev, grad_sq, acc, diverged, div_step), None
 
         def mask_nan(values: dict, diverged) -> dict:
             return {n: jnp.where(diverged, jnp.nan, v) for n, v in values.items()}

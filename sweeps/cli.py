@@ -41,7 +41,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--chunk", type=int, default=None, help="runs per chunk (default: sized to device memory)"
     )
-    r.add_argument("--devices", type=int, default=None, help="CPU devices to simulate (default: one per core)")
+    r.add_argument(
+        "--devices", type=int, default=None, help="CPU devices to simulate (default: one per core)"
+    )
     r.add_argument("--distributed", action="store_true", help="use JAX's multi-process runtime")
     r.add_argument("--coordinator", default=None, help="host:port of process 0 (--distributed)")
     r.add_argument("--num-processes", type=int, default=None)

@@ -64,7 +64,13 @@ def configure_jax(cpu_devices: int | None = None) -> None:
     (default: one per core; it only affects the CPU backend)."""
     import jax
 
-    jax.config.update("jax_num_cpu_devices", int(cpu_devices or default_cpu_devices()))
+    try:
+        jax.config.update("jax_num_cpu_devices", int(cpu_devices or default_cpu_devices()))
+    except RuntimeError:  # JAX already started (e.g. the runner called from a Python session)
+        if cpu_devices and cpu_devices != jax.local_device_count():
+            raise SpecError(
+                f"--devices: JAX has already started with {jax.local_device_count()} devices"
+            ) from None
     path = cache_dir()
     if path:
         jax.config.update("jax_compilation_cache_dir", path)

@@ -168,14 +168,12 @@ def create(
     zarr = _zarr()
     root = zarr.open_group(url, mode="w")
     for name, values in coords.items():
+        # Strings as Zarr's variable-length UTF-8 (fixed-width unicode has no v3 specification).
+        dtype = str if values.dtype.kind in "UO" else values.dtype
         arr = root.create_array(
-            name,
-            shape=values.shape,
-            dtype=values.dtype,
-            chunks=values.shape,
-            dimension_names=[name],
+            name, shape=values.shape, dtype=dtype, chunks=values.shape, dimension_names=[name]
         )
-        arr[...] = values
+        arr[...] = values.astype(object) if dtype is str else values
     for name, (dims, dtype, fill, vattrs) in variables.items():
         shape = tuple(len(coords[d]) for d in dims)
         chunk_shape = tuple(min(chunks.get(d, n), n) for d, n in zip(dims, shape, strict=True))

@@ -85,6 +85,29 @@ def flops_per_example(spec) -> tuple[float, float]:
     return train, forward
 
 
+def spectrum_methods(spec, runs: int = 64, repeat: int = 3) -> dict:
+    """Seconds per run for one record's spectra of every layer, by method, on the reference
+    shapes (vmapped over `runs` runs on one device)."""
+    import jax
+
+    from dynamics import observables as obs
+
+    keys = jax.random.split(jax.random.key(0), runs)
+    params = jax.vmap(spec.model.init)(keys)
+    out = {}
+    for method in ("svd", "gram"):
+        f = jax.jit(jax.vmap(lambda p, m=method: obs.singular_values(p, method=m)))
+        jax.block_until_ready(f(params))
+        best = math.inf
+        for _ in range(repeat):
+            t = time.perf_counter()
+            jax.block_until_ready(f(params))
+            best = min(best, time.perf_counter() - t)
+        out[method] = best / runs
+    out["chosen"] = spec.spectrum_method
+    return out
+
+
 def useful_flops(res, specs, train_ex, fwd_ex) -> float:
     spec = specs[0][1]
     n_records = len(spec.record_steps())
@@ -289,6 +312,8 @@ def main(argv=None) -> int:
         / peak["flops_per_s"],
     }
 
+    report["spectrum_seconds_per_run_record"] = spectrum_methods(specs[0][1])
+
     # 5. the loop of single runs
     if not args.skip_loop:
         report["loop"] = time_loop(res, specs)
@@ -342,6 +367,14 @@ def _print_table(r: dict) -> None:
             f"{100 * f['fraction_of_peak']:.0f}%  (loss only: {100 * f['fraction_of_peak_loss_only']:.0f}%)",
         ),
         ("observables overhead", f"{r['observables_overhead']:.2f}x"),
+        (
+            "spectra per run-record",
+            "svd {:.0f} us, gram {:.0f} us (using {})".format(
+                1e6 * r["spectrum_seconds_per_run_record"]["svd"],
+                1e6 * r["spectrum_seconds_per_run_record"]["gram"],
+                r["spectrum_seconds_per_run_record"]["chosen"],
+            ),
+        ),
         (
             "compile, cold",
             f"{r['end_to_end']['compile_seconds_cold']:.1f} s, {r['end_to_end']['xla_compilations']} XLA compilations",

@@ -408,7 +408,7 @@ def create_store(url: str, p: Plan, dist: Distributed) -> None:
 class Program:
     """One group's `jit(vmap(run))`, sharded over the local devices, compiled once."""
 
-    def __init__(self, spec, n_pad: int, mesh):
+    def __init__(self, spec, n_pad: int, mesh, key: str | None = None):
         import jax
         from jax.sharding import NamedSharding
         from jax.sharding import PartitionSpec as P
@@ -437,16 +437,57 @@ class Program:
         self.fn = jax.jit(local, in_shardings=(shard, shard, repl), out_shardings=shard)
         self.shard = shard
         self.n_pad = n_pad
+        self.key = key
         self.compiled = None
         self.compile_seconds = 0.0
 
     def compile(self, hp, seeds) -> None:
+        """Compile once. With a key, the traced and lowered program is also kept on disk
+        (jax.export), so a later process skips Python tracing and lowering and only loads the
+        compiled code from JAX's persistent cache."""
         import jax
 
         hp, seeds = jax.device_put((hp, seeds), self.shard)
         t = time.perf_counter()
-        self.compiled = self.fn.lower(hp, seeds, self.data).compile()
+        self.compiled = self._load_exported(hp, seeds)
+        if self.compiled is None:
+            self.compiled = self._export_and_compile(hp, seeds)
         self.compile_seconds = time.perf_counter() - t
+
+    def _path(self):
+        d = cache_dir()
+        return None if (d is None or self.key is None) else os.path.join(d, "exports", self.key)
+
+    def _load_exported(self, hp, seeds):
+        import jax
+
+        path = self._path()
+        if path is None or not os.path.exists(path) or not _export_ready():
+            return None
+        from jax import export
+
+        try:
+            with open(path, "rb") as f:
+                exp = export.deserialize(bytearray(f.read()))
+            return jax.jit(exp.call).lower(hp, seeds, self.data).compile()
+        except Exception:  # a damaged or foreign file: trace again
+            return None
+
+    def _export_and_compile(self, hp, seeds):
+        import jax
+
+        path = self._path()
+        if path is None or not _export_ready():
+            return self.fn.lower(hp, seeds, self.data).compile()
+        from jax import export
+
+        exp = export.export(self.fn)(hp, seeds, self.data)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(exp.serialize())
+        os.replace(tmp, path)
+        return jax.jit(exp.call).lower(hp, seeds, self.data).compile()
 
     def __call__(self, hp, seeds):
         import jax
@@ -455,6 +496,83 @@ class Program:
             self.compile(hp, seeds)
         hp, seeds = jax.device_put((hp, seeds), self.shard)
         return self.compiled(hp, seeds, self.data)
+
+
+_EXPORT_READY: bool | None = None
+
+
+def _export_ready() -> bool:
+    """jax.export serialization is available and knows the project's NamedTuples."""
+    global _EXPORT_READY
+    if _EXPORT_READY is None:
+        try:
+            import flatbuffers  # noqa: F401  (needed by jax.export serialization)
+            from jax import export
+
+            from dynamics.steps import Hparams
+            from dynamics.train import RunData
+
+            for cls in (Hparams, RunData):
+                try:
+                    export.register_namedtuple_serialization(
+                        cls, serialized_name=f"dynamics.{cls.__name__}"
+                    )
+                except ValueError:  # already registered
+                    pass
+            _EXPORT_READY = True
+        except ImportError:
+            _EXPORT_READY = False
+    return _EXPORT_READY
+
+
+def _code_stamp() -> str:
+    """Path, modification time and size of every loaded module outside the standard library and
+    site-packages (the project, its configs, a user's own models): any change to such code
+    changes the stamp. Installed libraries enter a program's key through their versions."""
+    import hashlib
+    import sys
+    import sysconfig
+
+    installed = tuple(
+        os.path.realpath(sysconfig.get_paths()[k])
+        for k in ("stdlib", "platstdlib", "purelib", "platlib")
+    )
+    h = hashlib.sha256()
+    for name in sorted(sys.modules):
+        f = getattr(sys.modules[name], "__file__", None)
+        if not f or os.path.realpath(f).startswith(installed):
+            continue
+        try:
+            st = os.stat(f)
+        except OSError:
+            continue
+        h.update(f"{name}:{f}:{st.st_mtime_ns}:{st.st_size};".encode())
+    return h.hexdigest()
+
+
+def program_key(p: Plan, group: Group, n_pad: int) -> str:
+    """What determines a group's program: the spec's code and settings, the group's static point
+    and batch, the padding, the devices, the versions and the code loaded in this process."""
+    import hashlib
+    import json
+
+    import jax
+
+    blob = json.dumps(
+        {
+            "source": p.res.sweep.source,
+            "settings": p.res.settings,
+            "point": group.point,
+            "batch": group.spec.batch,
+            "n_pad": n_pad,
+            "devices": [d.device_kind for d in jax.local_devices()],
+            "versions": package_versions(),
+            "code": _code_stamp(),
+        },
+        sort_keys=True,
+        default=repr,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
 def chunk_inputs(p: Plan, chunk: Chunk, n_pad: int):
@@ -596,7 +714,10 @@ def execute(
         for c in todo:
             prog = programs.get(c.group)
             if prog is None:
-                prog = programs[c.group] = Program(p.groups[c.group].spec, n_pad, mesh)
+                group = p.groups[c.group]
+                prog = programs[c.group] = Program(
+                    group.spec, n_pad, mesh, key=program_key(p, group, n_pad)
+                )
             hp, seeds, n = chunk_inputs(p, c, n_pad)
             if prog.compiled is None:
                 prog.compile(hp, seeds)

@@ -353,3 +353,30 @@ class _null:
 
     def __exit__(self, *a):
         return False
+
+
+def test_exported_programs_are_reused(tmp_path, monkeypatch):
+    """A second run of the same spec loads its traced programs from disk (jax.export) instead
+    of tracing again, and gives the same store; a changed setting traces a new program."""
+    monkeypatch.setenv("DYNAMICS_CACHE_DIR", str(tmp_path / "cache"))
+    exports = tmp_path / "cache" / "exports"
+    first = tmp_path / "a.zarr"
+    run_inprocess(first, "seed=0", chunk=8)
+    saved = sorted(p.name for p in exports.iterdir())
+    assert len(saved) == 2  # one program per batch size
+
+    traced = []
+    monkeypatch.setattr(
+        runner.Program,
+        "_export_and_compile",
+        lambda self, *a: traced.append(1) or pytest.fail("traced again"),
+    )
+    second = tmp_path / "b.zarr"
+    run_inprocess(second, "seed=0", chunk=8)
+    assert not traced and sorted(p.name for p in exports.iterdir()) == saved
+    assert_same_store(first, second, rtol=0, atol=0)
+
+    monkeypatch.undo()
+    monkeypatch.setenv("DYNAMICS_CACHE_DIR", str(tmp_path / "cache"))
+    run_inprocess(tmp_path / "c.zarr", "seed=0", "width=16", chunk=8)
+    assert len(list(exports.iterdir())) == 4

@@ -526,9 +526,10 @@ def _export_ready() -> bool:
 
 
 def _code_stamp() -> str:
-    """Path, modification time and size of every loaded module outside the standard library and
-    site-packages (the project, its configs, a user's own models): any change to such code
-    changes the stamp. Installed libraries enter a program's key through their versions."""
+    """Modification time and size of every Python file a program could depend on: all of the
+    library and the sweep configs (dynamics/, sweeps/), and every loaded module outside the
+    standard library, site-packages and this project (a user's own models). Installed
+    libraries enter a program's key through their versions."""
     import hashlib
     import sys
     import sysconfig
@@ -537,16 +538,24 @@ def _code_stamp() -> str:
         os.path.realpath(sysconfig.get_paths()[k])
         for k in ("stdlib", "platstdlib", "purelib", "platlib")
     )
+    project = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
+    files = set()
+    for package in ("dynamics", "sweeps"):
+        for root, _, names in os.walk(os.path.join(project, package)):
+            files.update(os.path.join(root, n) for n in names if n.endswith(".py"))
+    for module in list(sys.modules.values()):
+        f = getattr(module, "__file__", None)
+        if f and f.endswith(".py"):
+            f = os.path.realpath(f)
+            if not f.startswith(installed) and not f.startswith(project + os.sep):
+                files.add(f)
     h = hashlib.sha256()
-    for name in sorted(sys.modules):
-        f = getattr(sys.modules[name], "__file__", None)
-        if not f or os.path.realpath(f).startswith(installed):
-            continue
+    for f in sorted(files):
         try:
             st = os.stat(f)
         except OSError:
             continue
-        h.update(f"{name}:{f}:{st.st_mtime_ns}:{st.st_size};".encode())
+        h.update(f"{os.path.relpath(f, project)}:{st.st_mtime_ns}:{st.st_size};".encode())
     return h.hexdigest()
 
 

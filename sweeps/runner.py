@@ -19,7 +19,6 @@ import math
 import os
 import subprocess
 import time
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -658,7 +657,6 @@ def execute(
     chunk_runs: int | None = None,
     dist: Distributed | None = None,
     progress: bool = True,
-    on_chunk: Callable[[Chunk], None] | None = None,
 ) -> Summary:
     """Run a resolved sweep into the store at `url` (creating, resuming or refusing it)."""
     import jax
@@ -748,8 +746,6 @@ def execute(
                 diverged += int(np.sum(values["status"] == 1))
                 bar.update(pn)
                 bar.set_postfix(diverged=diverged, refresh=False)
-                if on_chunk is not None:
-                    on_chunk(pc)
             pending = launched
         bar.close()
         run_s = time.perf_counter() - t_start

@@ -76,3 +76,8 @@ def accuracy(pred, target, weights=None):
 
 
 LOSSES: dict[str, Callable] = {"square": square_loss, "cross_entropy": cross_entropy}
+
+
+def resolve(loss: str | Callable) -> Callable:
+    """A loss by name (`LOSSES`) or as given."""
+    return LOSSES[loss] if isinstance(loss, str) else loss

@@ -179,7 +179,7 @@ def _per_layer(fn, *trees):
 @_no_grad
 def grad_norms(grads) -> jax.Array:
     """Per-layer gradient norm: sqrt of the sum of squares over every parameter of layer k. (L,)"""
-    return _per_layer(lambda g: jnp.sqrt(_sq(g)), grads)
+    return jnp.sqrt(layer_sq_norms(grads))
 
 
 def _dot(a, b):

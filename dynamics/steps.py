@@ -296,17 +296,3 @@ def gradient_flow(
         return FlowState(params, state.t + hp.lr), StepInfo(loss, grads)
 
     return Stepper(init_fn, step_fn)
-
-
-STEPPERS: dict[str, Callable[..., Stepper]] = {
-    "sgd": sgd,
-    "gd": gd,
-    "adam": adam,
-    "normalized_gd": normalized_gd,
-    "gradient_flow": gradient_flow,
-}
-
-
-def params_of(state):
-    """The parameters held by any stepper's state."""
-    return state.params

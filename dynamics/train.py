@@ -258,7 +258,7 @@ def hparams(**fields) -> Hparams:
 
 def make_loss_fn(model: Model, loss: str | Callable) -> Callable[[Any, Batch], jax.Array]:
     """loss_fn(params, batch) = loss(model.apply(params, batch.x, mask), batch.y, batch.weights)."""
-    loss = _losses.LOSSES[loss] if isinstance(loss, str) else loss
+    loss = _losses.resolve(loss)
 
     def loss_fn(params, batch: Batch):
         pred = model.apply(params, batch.x, batch.weights > 0)
@@ -306,8 +306,7 @@ def make_run(spec: RunSpec) -> Callable:
     spec.validate()
     names = resolve_observables(spec.observables)
     model = spec.model
-    loss_name = spec.loss
-    loss = _losses.LOSSES[loss_name] if isinstance(loss_name, str) else loss_name
+    loss = _losses.resolve(spec.loss)
     loss_fn = make_loss_fn(model, loss)
     stepper = spec.stepper(loss_fn)
     default_data = run_data(spec)

@@ -115,6 +115,15 @@ def _setup_text(ds) -> str:
     )
 
 
+def _rank_curves(ax, x, dim, rank, acc, wds, colors, tol) -> None:
+    """Rank against `dim` (seed band), one line per weight decay; runs that did not fit crossed."""
+    for wd, c in zip(wds, colors, strict=True):
+        da = rank.sel(weight_decay=wd).transpose("seed", dim)
+        label = _wd_label(wd) if tol == TOLS[0] else None
+        common.band(ax, x, da, color=c, ls=STYLES[tol], marker="o", ms=3, label=label)
+        _mark_low_accuracy(ax, x, da, acc.sel(weight_decay=wd).transpose("seed", dim), c)
+
+
 def draw_batch(ds, plt) -> list:
     epochs, at = epochs_cut(ds)
     lrs, wds = ds["lr"].values, ds["weight_decay"].values
@@ -134,20 +143,9 @@ def draw_batch(ds, plt) -> list:
         for i, (rr, what) in enumerate(rows):
             for j, lr in enumerate(lrs):
                 ax = axes[i, j]
-                for wd, c in zip(wds, colors, strict=True):
-                    da = rr.sel(lr=lr, weight_decay=wd).transpose("seed", "batch_size")
-                    common.band(
-                        ax,
-                        bs,
-                        da,
-                        color=c,
-                        ls=STYLES[tol],
-                        marker="o",
-                        ms=3,
-                        label=_wd_label(wd) if tol == TOLS[0] else None,
-                    )
-                    a = accs[i].sel(lr=lr, weight_decay=wd).transpose("seed", "batch_size")
-                    _mark_low_accuracy(ax, bs, da, a, c)
+                _rank_curves(
+                    ax, bs, "batch_size", rr.sel(lr=lr), accs[i].sel(lr=lr), wds, colors, tol
+                )
                 if tol == TOLS[0]:
                     _init_lines(ax, ds)
                 ax.set_title(f"lr {lr:g}, {what}")
@@ -218,20 +216,9 @@ def draw_lr(ds, plt) -> list:
         r = rank_at(ds, tol).isel(step=-1)
         for j, b in enumerate(bs):
             ax = axes[0, j]
-            for wd, c in zip(wds, colors, strict=True):
-                da = r.sel(batch_size=b, weight_decay=wd).transpose("seed", "lr")
-                common.band(
-                    ax,
-                    lrs,
-                    da,
-                    color=c,
-                    ls=STYLES[tol],
-                    marker="o",
-                    ms=3,
-                    label=_wd_label(wd) if tol == TOLS[0] else None,
-                )
-                a = acc.sel(batch_size=b, weight_decay=wd).transpose("seed", "lr")
-                _mark_low_accuracy(ax, lrs, da, a, c)
+            _rank_curves(
+                ax, lrs, "lr", r.sel(batch_size=b), acc.sel(batch_size=b), wds, colors, tol
+            )
             if tol == TOLS[0]:
                 _init_lines(ax, ds)
             ax.set_xscale("log")

@@ -58,6 +58,16 @@ def _setup_text(ds) -> str:
     )
 
 
+def _wd_legend(plt, ax, ds) -> None:
+    """The axis's own legend entries plus one line style per weight decay."""
+    handles = [
+        plt.Line2D([], [], color="k", ls=WD_STYLE[min(i, 1)], label=f"wd {w:g}")
+        for i, w in enumerate(ds.weight_decay.values)
+    ]
+    h0, l0 = ax.get_legend_handles_labels()
+    ax.legend(h0 + handles, l0 + [h.get_label() for h in handles], loc="best", ncol=2)
+
+
 def draw_rho(ds):
     plt = common.setup()
     forms = _forms(ds)
@@ -110,12 +120,7 @@ def draw_rho(ds):
         ax.set_xlabel("step (SGD iterations)")
         ax.set_ylabel("‖Wₖ‖_F")
         ax.legend(loc="upper left", ncol=1)
-    handles = [
-        plt.Line2D([], [], color="k", ls=WD_STYLE[min(i, 1)], label=f"wd {w:g}")
-        for i, w in enumerate(ds.weight_decay.values)
-    ]
-    h0, l0 = axes[0, 0].get_legend_handles_labels()
-    axes[0, 0].legend(h0 + handles, l0 + [h.get_label() for h in handles], loc="best", ncol=2)
+    _wd_legend(plt, axes[0, 0], ds)
     fig.suptitle(
         "With weight decay ρ settles at the same value from every initial scale; "
         "without it ρ depends on the start (and keeps growing with batch norm)",
@@ -160,12 +165,7 @@ def draw_margins(ds):
             ax.set_yscale("log")
             ax.yaxis.set_minor_formatter(NullFormatter())
             ax.set_xlabel("step (SGD iterations)")
-    handles = [
-        plt.Line2D([], [], color="k", ls=WD_STYLE[min(i, 1)], label=f"wd {w:g}")
-        for i, w in enumerate(ds.weight_decay.values)
-    ]
-    h0, l0 = axes[0, 0].get_legend_handles_labels()
-    axes[0, 0].legend(h0 + handles, l0 + [h.get_label() for h in handles], loc="best", ncol=2)
+    _wd_legend(plt, axes[0, 0], ds)
     fig.suptitle(
         "Margins concentrate as training approaches interpolation; weight decay fixes the "
         "spread at a plateau and raises the normalized margin",

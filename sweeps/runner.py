@@ -263,9 +263,7 @@ def plan(
         shapes = jax.eval_shape(g.spec.model.init, jax.random.key(0))
         n_layers = max(n_layers, len(shapes))
         n_sv = max(n_sv, obs.max_singular_values(shapes))
-    dims = {n: d[1:] for n, d in describe(groups[0].spec).items() if d}
-    dims = {n: ("step",) + d for n, d in dims.items()}
-    dims.update(status=(), diverged_step=())
+    dims = describe(groups[0].spec)
     sizes = {"step": len(steps), "layer": n_layers, "sv_index": n_sv}
     trace_floats = sum(math.prod(sizes[d] for d in dd) for dd in dims.values())
 

@@ -44,7 +44,7 @@ def _run_steps(stepper, params, batch, hp, n):
 
     def body(state, _):
         state, info = stepper.step_fn(state, batch, hp)
-        return state, (steps.params_of(state), info)
+        return state, (state.params, info)
 
     _, (trajectory, infos) = jax.lax.scan(body, stepper.init_fn(params), None, length=n)
     return trajectory, infos

@@ -488,7 +488,14 @@ def make_run(spec: RunSpec) -> Callable:
 
         def record(c: _Carry, r):
             t0 = r * spec.record_every
-            c, _ = jax.lax.scan(step, c, t0 + jnp.arange(1, spec.record_every + 1, dtype=jnp.int32))
+            # Unrolled by two when adjacent gradients are compared: the last gradient and the new
+            # one then alternate between two buffers instead of being copied into the carry.
+            c, _ = jax.lax.scan(
+                step,
+                c,
+                t0 + jnp.arange(1, spec.record_every + 1, dtype=jnp.int32),
+                unroll=2 if track_cos else 1,
+            )
             values = observe_steps(c)
             values.update(
                 observe_state(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import itertools
 import math
 import os
@@ -314,7 +315,8 @@ def _coord_array(values: list) -> np.ndarray:
     return np.asarray(["none" if v is None else str(v) for v in values])
 
 
-def package_versions() -> dict[str, str]:
+@functools.cache
+def _versions() -> tuple[tuple[str, str], ...]:
     from importlib import metadata
 
     out = {}
@@ -333,7 +335,12 @@ def package_versions() -> dict[str, str]:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             pass
-    return out
+    return tuple(out.items())
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of the project and of the libraries a program depends on (read once)."""
+    return dict(_versions())
 
 
 def git_commit() -> str:
@@ -498,6 +505,27 @@ class Program:
 _EXPORT_READY: bool | None = None
 
 
+def compile_all(items) -> None:
+    """Compile each distinct program of `items` ((program, hp, seeds) triples) once, several at a
+    time: XLA compiles (and loads cached executables) outside the GIL, so programs compile side
+    by side on the host's cores."""
+    todo, seen = [], set()
+    for prog, hp, seeds in items:
+        if prog.compiled is None and id(prog) not in seen:
+            seen.add(id(prog))
+            todo.append((prog, hp, seeds))
+    workers = min(len(todo), default_cpu_devices())
+    if workers <= 1:
+        for prog, hp, seeds in todo:
+            prog.compile(hp, seeds)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(workers) as pool:
+        for f in [pool.submit(prog.compile, hp, seeds) for prog, hp, seeds in todo]:
+            f.result()
+
+
 def _export_ready() -> bool:
     """jax.export serialization is available and knows the project's NamedTuples."""
     global _EXPORT_READY
@@ -556,9 +584,10 @@ def _code_stamp() -> str:
     return h.hexdigest()
 
 
-def program_key(p: Plan, group: Group, n_pad: int) -> str:
+def program_key(p: Plan, group: Group, n_pad: int, code: str | None = None) -> str:
     """What determines a group's program: the spec's code and settings, the group's static point
-    and batch, the padding, the devices, the versions and the code loaded in this process."""
+    and batch, the padding, the devices, the versions and the code loaded in this process
+    (`code`: a `_code_stamp()` already taken, since it reads every loaded module's file)."""
     import hashlib
     import json
 
@@ -573,7 +602,7 @@ def program_key(p: Plan, group: Group, n_pad: int) -> str:
             "n_pad": n_pad,
             "devices": [d.device_kind for d in jax.local_devices()],
             "versions": package_versions(),
-            "code": _code_stamp(),
+            "code": code if code is not None else _code_stamp(),
         },
         sort_keys=True,
         default=repr,
@@ -715,19 +744,19 @@ def execute(
         # Compile every program this process needs first, so compile_seconds and run_seconds
         # are separate measurements (run time is never hidden under compilation).
         inputs = []
-        compile_s = 0.0
+        t_compile = time.perf_counter()
+        code = _code_stamp() if todo else ""
         for c in todo:
             prog = programs.get(c.group)
             if prog is None:
                 group = p.groups[c.group]
                 prog = programs[c.group] = Program(
-                    group.spec, n_pad, mesh, key=program_key(p, group, n_pad)
+                    group.spec, n_pad, mesh, key=program_key(p, group, n_pad, code)
                 )
             hp, seeds, n = chunk_inputs(p, c, n_pad)
-            if prog.compiled is None:
-                prog.compile(hp, seeds)
-                compile_s += prog.compile_seconds
             inputs.append((c, prog, hp, seeds, n))
+        compile_all([(prog, hp, seeds) for _, prog, hp, seeds, _ in inputs])
+        compile_s = time.perf_counter() - t_compile
         bar = _progress_bar(runs_now, progress and dist.index == 0, res.sweep.name)
         diverged = 0
         t_start = time.perf_counter()

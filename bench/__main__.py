@@ -4,14 +4,21 @@ Everything is measured in this one process (except the warm-cache compile, which
 process), on sweeps/configs/reference.py (256 runs; --scale N multiplies the seeds):
 
   runs/s        the vectorized sweep (all chunks, after compilation) and a loop of single
-                jitted runs over the same grid, and their ratio;
+                jitted runs over the same grid, and their ratio (the loop against the
+                vectorized sweep timed right after it);
   FLOP/s        useful FLOPs (each run's true batch size: training forward + backward and the
                 evaluation passes, counted by XLA's cost analysis of one example) per second,
                 against the fp32 matmul peak measured here;
   observables   the sweep with its observables against the same sweep recording loss only;
   strategies    bucketing runs by batch size against masking them at the largest size;
+  breakdown     where the time goes: each observable group added alone to the loss-only sweep,
+                the bare training loop (no records but the first and last), and the batched
+                matmul forms of one step (forward, input gradient, weight gradient) in isolation;
   compile       seconds cold (empty cache) and warm (a second process, persistent cache),
                 number of XLA compilations; peak resident memory; device and versions.
+
+Every timed variant (and the peak matmul) is compiled first, then timed in --repeat rounds that
+take each in turn; the best of each is kept, so ratios compare timings taken side by side.
 
 Writes bench/out/bench-<time>.json and prints a table.
 """
@@ -31,32 +38,103 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# Observable groups of the reference grid, each timed alone on top of the loss.
+BREAKDOWN = (
+    ("grad_norm", "loss+grad_norm"),
+    ("grad_corr", "loss+grad_corr"),
+    ("spectrum", "loss+spectrum"),
+)
+
 
 def _parse(argv):
     p = argparse.ArgumentParser(prog="python -m bench")
     p.add_argument("--scale", type=int, default=1, help="multiply the reference grid's seeds")
     p.add_argument("--out", default=str(ROOT / "bench" / "out"))
     p.add_argument("--skip-loop", action="store_true", help="skip the loop of single runs")
-    p.add_argument("--repeat", type=int, default=2, help="timed repetitions (best is kept)")
+    p.add_argument(
+        "--repeat", type=int, default=3, help="timed rounds of every variant (best is kept)"
+    )
     args = p.parse_args(argv)
     if args.scale < 1:
         p.error("--scale must be at least 1")
+    if args.repeat < 1:
+        p.error("--repeat must be at least 1")
     return args
 
 
-def matmul_peak(jax, jnp) -> dict:
-    """fp32 FLOP/s of a large square matmul, best of several."""
-    n = 2048 if jax.devices()[0].platform == "cpu" else 8192
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-    f = jax.jit(lambda a, b: a @ b)
-    f(a, b).block_until_ready()
-    best = math.inf
-    for _ in range(5):
-        t = time.perf_counter()
+class matmul_peak:  # noqa: N801 (a timer, called like the others)
+    """Times one large fp32 square matmul per call: the machine's measured peak."""
+
+    def __init__(self, jax, jnp):
+        self.n = n = 2048 if jax.devices()[0].platform == "cpu" else 8192
+        a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+        b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+        f = jax.jit(lambda a, b: a @ b)
         f(a, b).block_until_ready()
-        best = min(best, time.perf_counter() - t)
-    return {"n": n, "seconds": best, "flops_per_s": 2 * n**3 / best}
+        self.args, self.f = (a, b), f
+
+    def __call__(self) -> float:
+        best = math.inf
+        for _ in range(3):
+            t = time.perf_counter()
+            self.f(*self.args).block_until_ready()
+            best = min(best, time.perf_counter() - t)
+        return best
+
+
+def matmul_forms(jax, jnp, runs_per_device: int, batches, width: int = 64, iters: int = 100):
+    """Timers (name -> (timer, FLOPs per call)) of the three batched matmuls of a dense layer's
+    training step, vmapped over runs and sharded over the local devices as the runner does, in
+    a scan of `iters` iterations: forward x W^T (x: (b, w), W: (w, w)), input gradient d W and
+    weight gradient d^T x (it contracts the batch axis, which XLA's CPU backend leaves to a
+    slower kernel than the other two)."""
+    import numpy as np
+    from jax import lax
+    from jax.sharding import Mesh
+    from jax.sharding import PartitionSpec as P
+
+    devs = jax.local_devices()
+    mesh = Mesh(np.asarray(devs), ("runs",))
+    n = runs_per_device * len(devs)
+    forms = {
+        "forward": (lambda a, w: a @ w.T, lambda b: ((b, width), (width, width))),
+        "input_grad": (lambda a, w: a @ w, lambda b: ((b, width), (width, width))),
+        "weight_grad": (lambda a, d: a.T @ d, lambda b: ((b, width), (b, width))),
+    }
+    out = {}
+    for b in batches:
+        for name, (fn, shapes) in forms.items():
+            sa, sb = shapes(b)
+            a = jax.random.normal(jax.random.key(0), (n, *sa), jnp.float32)
+            w = jax.random.normal(jax.random.key(1), (n, *sb), jnp.float32)
+
+            def loop(a, w, fn=fn):
+                def body(c, _):
+                    return c + 1e-9 * jnp.sum(fn(c, w)), None
+
+                return lax.scan(body, a, None, length=iters)[0]
+
+            f = jax.jit(
+                jax.shard_map(
+                    jax.vmap(loop),
+                    mesh=mesh,
+                    in_specs=(P("runs"), P("runs")),
+                    out_specs=P("runs"),
+                    check_vma=False,
+                )
+            )
+            jax.block_until_ready(f(a, w))
+
+            def timer(f=f, a=a, w=w):
+                best = math.inf
+                for _ in range(3):
+                    t = time.perf_counter()
+                    jax.block_until_ready(f(a, w))
+                    best = min(best, time.perf_counter() - t)
+                return best
+
+            out[(int(b), name)] = (timer, n * iters * 2 * b * width * width)
+    return out
 
 
 def flops_per_example(spec) -> tuple[float, float]:
@@ -133,84 +211,108 @@ class CompileCounter:
         jax.monitoring.register_event_duration_secs_listener(listener)
 
 
-def time_vectorized(res, specs, repeat, chunk_runs=None) -> dict:
-    """Run every chunk of the plan (no store), after compiling; best of `repeat`."""
-    import jax
-    import numpy as np
-    from jax.sharding import Mesh
+class Vectorized:
+    """Every chunk of a sweep's plan, compiled and ready; `once()` runs them all (no store) and
+    returns the seconds, with one chunk in flight while the last is fetched, as the runner does."""
 
-    from sweeps import runner
+    def __init__(self, res, specs, chunk_runs=None):
+        import jax
+        import numpy as np
+        from jax.sharding import Mesh
 
-    p = runner.plan(res, specs, chunk_runs)
-    n_dev = len(jax.local_devices())
-    mesh = Mesh(np.asarray(jax.local_devices()), ("runs",))
-    n_pad = math.ceil(p.chunk_runs / n_dev) * n_dev
-    programs, inputs = {}, []
-    compile_s = 0.0
-    for c in p.chunks:
-        prog = programs.get(c.group)
-        if prog is None:
-            prog = programs[c.group] = runner.Program(p.groups[c.group].spec, n_pad, mesh)
-        hp, seeds, n = runner.chunk_inputs(p, c, n_pad)
-        if prog.compiled is None:
-            prog.compile(hp, seeds)
-            compile_s += prog.compile_seconds
-        inputs.append((prog, hp, seeds))
-    best = math.inf
-    for _ in range(repeat):
+        from sweeps import runner
+
+        p = runner.plan(res, specs, chunk_runs)
+        n_dev = len(jax.local_devices())
+        mesh = Mesh(np.asarray(jax.local_devices()), ("runs",))
+        n_pad = math.ceil(p.chunk_runs / n_dev) * n_dev
+        programs, self.inputs = {}, []
+        compile_s = 0.0
+        for c in p.chunks:
+            prog = programs.get(c.group)
+            if prog is None:
+                prog = programs[c.group] = runner.Program(p.groups[c.group].spec, n_pad, mesh)
+            hp, seeds, n = runner.chunk_inputs(p, c, n_pad)
+            if prog.compiled is None:
+                prog.compile(hp, seeds)
+                compile_s += prog.compile_seconds
+            self.inputs.append((prog, hp, seeds))
+        self.once()  # first execution (allocations, thread pools) is not timed
+        self.info = {
+            "runs": res.n_runs,
+            "programs": len(programs),
+            "chunks": len(p.chunks),
+            "chunk_runs": p.chunk_runs,
+            "strategy": p.strategy,
+            "compile_seconds": compile_s,
+        }
+
+    def once(self) -> float:
+        import jax
+
         t = time.perf_counter()
-        pending = None  # as the runner does: one chunk in flight while the last is fetched
-        for prog, hp, seeds in inputs:
+        pending = None
+        for prog, hp, seeds in self.inputs:
             out = prog(hp, seeds)
             if pending is not None:
                 jax.device_get(pending)
             pending = out
         jax.device_get(pending)
-        best = min(best, time.perf_counter() - t)
-    return {
-        "seconds": best,
-        "runs": res.n_runs,
-        "runs_per_s": res.n_runs / best,
-        "programs": len(programs),
-        "chunks": len(p.chunks),
-        "chunk_runs": p.chunk_runs,
-        "strategy": p.strategy,
-        "compile_seconds": compile_s,
-    }
+        return time.perf_counter() - t
+
+    def result(self, seconds: float) -> dict:
+        return {"seconds": seconds, "runs_per_s": self.info["runs"] / seconds, **self.info}
 
 
-def time_loop(res, specs) -> dict:
+class Loop:
     """A loop of single jitted runs over the same grid (one compile per batch size)."""
-    import dataclasses
-    import itertools
 
-    import jax
+    def __init__(self, res, specs):
+        import dataclasses
+        import itertools
 
-    from dynamics.steps import Hparams
-    from dynamics.train import make_run, run_data
+        import jax
 
-    spec = specs[0][1]
-    fns = {}
-    for bs in res.grid["batch_size"]:
-        s = dataclasses.replace(spec, batch=int(bs))
-        fns[bs] = (jax.jit(make_run(s)), jax.device_put(run_data(s)))
-    grid = res.grid
-    points = list(itertools.product(*grid.values()))
-    keys = list(grid)
+        from dynamics.steps import Hparams
+        from dynamics.train import make_run, run_data
 
-    def hp_of(pt):
-        d = dict(zip(keys, pt, strict=True))
-        return d, Hparams(lr=d["lr"], weight_decay=d["weight_decay"], batch_size=d["batch_size"])
+        spec = specs[0][1]
+        fns = {}
+        for bs in res.grid["batch_size"]:
+            s = dataclasses.replace(spec, batch=int(bs))
+            fns[bs] = (jax.jit(make_run(s)), jax.device_put(run_data(s)))
+        keys = list(res.grid)
+        self.calls = []
+        for pt in itertools.product(*res.grid.values()):
+            d = dict(zip(keys, pt, strict=True))
+            hp = Hparams(lr=d["lr"], weight_decay=d["weight_decay"], batch_size=d["batch_size"])
+            fn, data = fns[d["batch_size"]]
+            self.calls.append((fn, hp, jax.random.key(d["seed"]), data))
+        for bs, (fn, data) in fns.items():  # compile
+            jax.block_until_ready(fn(Hparams(lr=0.01, batch_size=bs), jax.random.key(0), data))
 
-    for bs, (fn, data) in fns.items():  # compile
-        jax.block_until_ready(fn(Hparams(lr=0.01, batch_size=bs), jax.random.key(0), data))
-    t = time.perf_counter()
-    for pt in points:
-        d, hp = hp_of(pt)
-        fn, data = fns[d["batch_size"]]
-        jax.block_until_ready(fn(hp, jax.random.key(d["seed"]), data))
-    seconds = time.perf_counter() - t
-    return {"seconds": seconds, "runs": len(points), "runs_per_s": len(points) / seconds}
+    def once(self) -> float:
+        import jax
+
+        t = time.perf_counter()
+        for fn, hp, key, data in self.calls:
+            jax.block_until_ready(fn(hp, key, data))
+        return time.perf_counter() - t
+
+    def result(self, seconds: float) -> dict:
+        n = len(self.calls)
+        return {"seconds": seconds, "runs": n, "runs_per_s": n / seconds}
+
+
+def interleaved(timers: dict, repeat: int) -> dict[str, float]:
+    """Best seconds of each timer over `repeat` rounds, every round timing each timer once in
+    turn: on a shared machine whose speed drifts, ratios of timings taken side by side are far
+    steadier than those of timings taken minutes apart."""
+    best = dict.fromkeys(timers, math.inf)
+    for _ in range(repeat):
+        for name, timer in timers.items():
+            best[name] = min(best[name], timer())
+    return best
 
 
 def warm_compile(cache: str, scale: int) -> dict:
@@ -282,24 +384,45 @@ def main(argv=None) -> int:
     report["warm_compile"] = warm_compile(cache, args.scale)
     print(f"[bench] warm process: {report['warm_compile']}", flush=True)
 
-    # 3. vectorized (compute only), the strategies, observables overhead
-    report["vectorized"] = time_vectorized(res, specs, args.repeat)
-    print(f"[bench] vectorized: {report['vectorized']}", flush=True)
-    res_mask = resolve(sweep, parse_overrides(sets + ["batch_strategy=mask"]))
-    report["vectorized_mask"] = time_vectorized(res_mask, build_specs(res_mask), args.repeat)
-    print(f"[bench] vectorized, masked batches: {report['vectorized_mask']}", flush=True)
-    res_loss = resolve(sweep, parse_overrides(sets + ["observables=loss"]))
-    report["vectorized_loss_only"] = time_vectorized(res_loss, build_specs(res_loss), args.repeat)
-    print(f"[bench] vectorized, loss only: {report['vectorized_loss_only']}", flush=True)
-    report["observables_overhead"] = (
-        report["vectorized"]["seconds"] / report["vectorized_loss_only"]["seconds"]
-    )
+    # 3. every timed variant compiled first, then timed side by side in rounds
+    def variant(*overrides):
+        r = resolve(sweep, parse_overrides(sets + list(overrides)))
+        return r, build_specs(r)
 
-    # 4. FLOP/s against the measured matmul peak
+    steps = specs[0][1].steps
+    res_bare, specs_bare = variant("observables=loss", f"record_every={steps}")
+    prepared = {
+        "vectorized": Vectorized(res, specs),
+        "vectorized_mask": Vectorized(*variant("batch_strategy=mask")),
+        "vectorized_loss_only": Vectorized(*variant("observables=loss")),
+        "bare_loop": Vectorized(res_bare, specs_bare),
+        **{f"with {name}": Vectorized(*variant(f"observables={obs}")) for name, obs in BREAKDOWN},
+    }
+    print(f"[bench] compiled {len(prepared)} variants; timing", flush=True)
+    timers = {k: v.once for k, v in prepared.items()}
+    timers["matmul_peak"] = matmul_peak(jax, jnp)
+    per_dev = max(1, prepared["vectorized"].info["chunk_runs"] // len(jax.local_devices()))
+    forms = matmul_forms(jax, jnp, per_dev, sorted(int(b) for b in res.grid["batch_size"]))
+    timers.update({("form", *k): t for k, (t, _) in forms.items()})
+    best = interleaved(timers, args.repeat)
+    for k, v in prepared.items():
+        if not k.startswith("with "):
+            report[k] = v.result(best[k])
+    loss_s = best["vectorized_loss_only"]
+    report["observables_overhead"] = best["vectorized"] / loss_s
+    report["breakdown"] = {
+        "added_fraction": {name: best[f"with {name}"] / loss_s - 1 for name, _ in BREAKDOWN},
+    }
+    print(f"[bench] vectorized: {report['vectorized']}", flush=True)
+    print(f"[bench] breakdown: {report['breakdown']}", flush=True)
+
+    # 4. FLOP/s against the measured matmul peak (the best of its timings in the rounds)
     train_ex, fwd_ex = flops_per_example(specs[0][1])
     flops = useful_flops(res, specs, train_ex, fwd_ex)
-    peak = matmul_peak(jax, jnp)
-    achieved = flops / report["vectorized"]["seconds"]
+    n = timers["matmul_peak"].n
+    peak = {"n": n, "seconds": best["matmul_peak"], "flops_per_s": 2 * n**3 / best["matmul_peak"]}
+    achieved = flops / best["vectorized"]
+    bare_flops = useful_flops(res_bare, specs_bare, train_ex, fwd_ex)
     report["flops"] = {
         "train_flops_per_example_step": train_ex,
         "forward_flops_per_example": fwd_ex,
@@ -307,19 +430,22 @@ def main(argv=None) -> int:
         "useful_flops_per_s": achieved,
         "matmul_peak": peak,
         "fraction_of_peak": achieved / peak["flops_per_s"],
-        "fraction_of_peak_loss_only": flops
-        / report["vectorized_loss_only"]["seconds"]
-        / peak["flops_per_s"],
+        "fraction_of_peak_loss_only": flops / loss_s / peak["flops_per_s"],
+        "fraction_of_peak_bare_loop": bare_flops / best["bare_loop"] / peak["flops_per_s"],
     }
-
+    report["matmul_forms_flops_per_s"] = {}
+    for (b, name), (_, form_flops) in forms.items():
+        row = report["matmul_forms_flops_per_s"].setdefault(b, {})
+        row[name] = form_flops / best[("form", b, name)]
     report["spectrum_seconds_per_run_record"] = spectrum_methods(specs[0][1])
 
-    # 5. the loop of single runs
+    # 5. the loop of single runs, timed once, against the vectorized sweep timed right after it
     if not args.skip_loop:
-        report["loop"] = time_loop(res, specs)
-        report["vectorized_vs_loop"] = (
-            report["vectorized"]["runs_per_s"] / report["loop"]["runs_per_s"]
-        )
+        loop = Loop(res, specs)
+        report["loop"] = loop.result(loop.once())
+        beside = prepared["vectorized"].once()
+        report["vectorized_vs_loop"] = report["loop"]["seconds"] / beside
+        report["vectorized_beside_loop_seconds"] = beside
         print(f"[bench] loop of single runs: {report['loop']}", flush=True)
 
     report["xla_compilations_total"] = counter.count
@@ -354,7 +480,11 @@ def _print_table(r: dict) -> None:
                 "single-run loop runs/s",
                 f"{r['loop']['runs_per_s']:.2f}  ({r['loop']['seconds']:.1f} s)",
             ),
-            ("vectorized / loop", f"{r['vectorized_vs_loop']:.1f}x"),
+            (
+                "vectorized / loop",
+                f"{r['vectorized_vs_loop']:.1f}x  (vectorized timed right after the loop:"
+                f" {r['vectorized_beside_loop_seconds']:.2f} s)",
+            ),
         ]
     rows += [
         ("useful FLOP/s", f"{f['useful_flops_per_s'] / 1e9:.1f} GFLOP/s"),
@@ -367,6 +497,26 @@ def _print_table(r: dict) -> None:
             f"{100 * f['fraction_of_peak']:.0f}%  (loss only: {100 * f['fraction_of_peak_loss_only']:.0f}%)",
         ),
         ("observables overhead", f"{r['observables_overhead']:.2f}x"),
+        *[
+            (f"  + {name} alone", f"+{100 * v:.0f}%")
+            for name, v in r["breakdown"]["added_fraction"].items()
+        ],
+        (
+            "bare training loop",
+            "{:.2f} s, {:.0f}% of peak (loss at the first and last step only)".format(
+                r["bare_loop"]["seconds"], 100 * f["fraction_of_peak_bare_loop"]
+            ),
+        ),
+        *[
+            (
+                f"matmuls, batch {b}",
+                ", ".join(
+                    f"{k} {100 * v / f['matmul_peak']['flops_per_s']:.0f}%" for k, v in row.items()
+                )
+                + " of peak",
+            )
+            for b, row in r["matmul_forms_flops_per_s"].items()
+        ],
         (
             "spectra per run-record",
             "svd {:.0f} us, gram {:.0f} us (using {})".format(

@@ -18,7 +18,9 @@ process), on sweeps/configs/reference.py (256 runs; --scale N multiplies the see
                 number of XLA compilations; peak resident memory; device and versions.
 
 Every timed variant (and the peak matmul) is compiled first, then timed in --repeat rounds that
-take each in turn; the best of each is kept, so ratios compare timings taken side by side.
+take each variant's chunks in turn (chunk 1 of every variant, then chunk 2, ...); each chunk's
+best time is kept, so ratios compare timings taken seconds apart (the vectorized sweeps are then
+timed chunk by chunk, without overlapping a chunk's run with the last one's fetch).
 
 Writes bench/out/bench-<time>.json and prints a table.
 """
@@ -26,6 +28,7 @@ Writes bench/out/bench-<time>.json and prints a table.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -52,7 +55,7 @@ def _parse(argv):
     p.add_argument("--out", default=str(ROOT / "bench" / "out"))
     p.add_argument("--skip-loop", action="store_true", help="skip the loop of single runs")
     p.add_argument(
-        "--repeat", type=int, default=3, help="timed rounds of every variant (best is kept)"
+        "--repeat", type=int, default=4, help="timed rounds of every variant (best is kept)"
     )
     args = p.parse_args(argv)
     if args.scale < 1:
@@ -247,6 +250,17 @@ class Vectorized:
             "compile_seconds": compile_s,
         }
 
+    def parts(self) -> list:
+        """One timer per chunk (run and fetched alone): the pieces the rounds interleave."""
+        import jax
+
+        def part(prog, hp, seeds):
+            t = time.perf_counter()
+            jax.device_get(prog(hp, seeds))
+            return time.perf_counter() - t
+
+        return [functools.partial(part, *item) for item in self.inputs]
+
     def once(self) -> float:
         import jax
 
@@ -304,15 +318,20 @@ class Loop:
         return {"seconds": seconds, "runs": n, "runs_per_s": n / seconds}
 
 
-def interleaved(timers: dict, repeat: int) -> dict[str, float]:
-    """Best seconds of each timer over `repeat` rounds, every round timing each timer once in
-    turn: on a shared machine whose speed drifts, ratios of timings taken side by side are far
-    steadier than those of timings taken minutes apart."""
-    best = dict.fromkeys(timers, math.inf)
+def interleaved(timers: dict, repeat: int) -> dict:
+    """Best seconds of each timer over `repeat` rounds. A timer is a callable or a list of
+    callables (a sweep's chunks); each round takes the first part of every timer in turn, then
+    the second, and so on, and a timer's result is the sum of its parts' best times. On a shared
+    machine whose speed drifts, timings taken seconds apart compare far better than timings
+    taken minutes apart."""
+    parts = {k: t if isinstance(t, list) else [t] for k, t in timers.items()}
+    best = {k: [math.inf] * len(p) for k, p in parts.items()}
     for _ in range(repeat):
-        for name, timer in timers.items():
-            best[name] = min(best[name], timer())
-    return best
+        for i in range(max(len(p) for p in parts.values())):
+            for k, p in parts.items():
+                if i < len(p):
+                    best[k][i] = min(best[k][i], p[i]())
+    return {k: sum(v) for k, v in best.items()}
 
 
 def warm_compile(cache: str, scale: int) -> dict:
@@ -399,7 +418,7 @@ def main(argv=None) -> int:
         **{f"with {name}": Vectorized(*variant(f"observables={obs}")) for name, obs in BREAKDOWN},
     }
     print(f"[bench] compiled {len(prepared)} variants; timing", flush=True)
-    timers = {k: v.once for k, v in prepared.items()}
+    timers: dict = {k: v.parts() for k, v in prepared.items()}
     timers["matmul_peak"] = matmul_peak(jax, jnp)
     per_dev = max(1, prepared["vectorized"].info["chunk_runs"] // len(jax.local_devices()))
     forms = matmul_forms(jax, jnp, per_dev, sorted(int(b) for b in res.grid["batch_size"]))

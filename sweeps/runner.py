@@ -27,7 +27,11 @@ import numpy as np
 from sweeps import store as _store
 from sweeps.spec import Resolved, SpecError
 
-CPU_CHUNK_CAP = 256
+# Runs per chunk and CPU device. A CPU step's batched matmuls and reductions run faster on a few
+# runs whose working set stays in the core's caches than on many: on the reference grid (2 cores)
+# chunks of 8 runs per device computed the grid 5% faster with all observables and 18% faster
+# recording the loss than chunks of 32 per device (`make bench`'s interleaved timing).
+CPU_RUNS_PER_DEVICE = 8
 ACCELERATOR_CHUNK_CAP = 16384
 
 
@@ -201,7 +205,7 @@ def memory_budget() -> tuple[int, int]:
             total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         except (ValueError, OSError):
             total = 8 << 30
-        return int(0.25 * total), CPU_CHUNK_CAP
+        return int(0.25 * total), CPU_RUNS_PER_DEVICE * len(jax.local_devices())
     stats = dev.memory_stats() or {}
     limit = stats.get("bytes_limit", 16 << 30)
     return int(0.5 * limit) * len(jax.local_devices()), ACCELERATOR_CHUNK_CAP

@@ -65,7 +65,7 @@ def _parse(argv):
     return args
 
 
-class matmul_peak:  # noqa: N801 (a timer, called like the others)
+class MatmulPeak:
     """Times one large fp32 square matmul per call: the machine's measured peak."""
 
     def __init__(self, jax, jnp):
@@ -226,24 +226,15 @@ class Vectorized:
         from sweeps import runner
 
         p = runner.plan(res, specs, chunk_runs)
-        n_dev = len(jax.local_devices())
         mesh = Mesh(np.asarray(jax.local_devices()), ("runs",))
-        n_pad = math.ceil(p.chunk_runs / n_dev) * n_dev
-        programs, self.inputs = {}, []
-        compile_s = 0.0
-        for c in p.chunks:
-            prog = programs.get(c.group)
-            if prog is None:
-                prog = programs[c.group] = runner.Program(p.groups[c.group].spec, n_pad, mesh)
-            hp, seeds, n = runner.chunk_inputs(p, c, n_pad)
-            if prog.compiled is None:
-                prog.compile(hp, seeds)
-                compile_s += prog.compile_seconds
-            self.inputs.append((prog, hp, seeds))
+        t = time.perf_counter()
+        inputs, n_programs = runner.prepare(p, p.chunks, mesh)
+        compile_s = time.perf_counter() - t
+        self.inputs = [(prog, hp, seeds) for _, prog, hp, seeds, _ in inputs]
         self.once()  # first execution (allocations, thread pools) is not timed
         self.info = {
             "runs": res.n_runs,
-            "programs": len(programs),
+            "programs": n_programs,
             "chunks": len(p.chunks),
             "chunk_runs": p.chunk_runs,
             "strategy": p.strategy,
@@ -419,7 +410,7 @@ def main(argv=None) -> int:
     }
     print(f"[bench] compiled {len(prepared)} variants; timing", flush=True)
     timers: dict = {k: v.parts() for k, v in prepared.items()}
-    timers["matmul_peak"] = matmul_peak(jax, jnp)
+    timers["matmul_peak"] = MatmulPeak(jax, jnp)
     per_dev = max(1, prepared["vectorized"].info["chunk_runs"] // len(jax.local_devices()))
     forms = matmul_forms(jax, jnp, per_dev, sorted(int(b) for b in res.grid["batch_size"]))
     timers.update({("form", *k): t for k, (t, _) in forms.items()})

@@ -509,25 +509,34 @@ class Program:
 _EXPORT_READY: bool | None = None
 
 
-def compile_all(items) -> None:
-    """Compile each distinct program of `items` ((program, hp, seeds) triples) once, several at a
-    time: XLA compiles (and loads cached executables) outside the GIL, so programs compile side
-    by side on the host's cores."""
-    todo, seen = [], set()
-    for prog, hp, seeds in items:
-        if prog.compiled is None and id(prog) not in seen:
-            seen.add(id(prog))
-            todo.append((prog, hp, seeds))
+def prepare(p: Plan, chunks, mesh, code: str | None = None) -> tuple[list, int]:
+    """Each chunk's (chunk, program, hp, seeds, n), one `Program` per group, every program
+    compiled; and the number of programs. With `code` (a `_code_stamp()`), programs are keyed
+    for the on-disk export cache. Programs compile several at a time: XLA compiles (and loads
+    cached executables) outside the GIL, so they compile side by side on the host's cores."""
+    n_dev = len(mesh.devices.flat)
+    n_pad = math.ceil(p.chunk_runs / n_dev) * n_dev
+    programs: dict[int, tuple] = {}  # group -> (program, hp, seeds of its first chunk)
+    inputs = []
+    for c in chunks:
+        hp, seeds, n = chunk_inputs(p, c, n_pad)
+        if c.group not in programs:
+            group = p.groups[c.group]
+            key = None if code is None else program_key(p, group, n_pad, code)
+            programs[c.group] = (Program(group.spec, n_pad, mesh, key=key), hp, seeds)
+        inputs.append((c, programs[c.group][0], hp, seeds, n))
+    todo = list(programs.values())
     workers = min(len(todo), default_cpu_devices())
     if workers <= 1:
         for prog, hp, seeds in todo:
             prog.compile(hp, seeds)
-        return
-    from concurrent.futures import ThreadPoolExecutor
+    else:
+        from concurrent.futures import ThreadPoolExecutor
 
-    with ThreadPoolExecutor(workers) as pool:
-        for f in [pool.submit(prog.compile, hp, seeds) for prog, hp, seeds in todo]:
-            f.result()
+        with ThreadPoolExecutor(workers) as pool:
+            for f in [pool.submit(prog.compile, hp, seeds) for prog, hp, seeds in todo]:
+                f.result()
+    return inputs, len(programs)
 
 
 def _export_ready() -> bool:
@@ -739,27 +748,13 @@ def execute(
         done = writer.done_chunks()
         mine = [c for c in p.chunks if c.id % dist.count == dist.index]
         todo = [c for c in mine if not done[c.id]]
-        n_dev = len(jax.local_devices())
         mesh = Mesh(np.asarray(jax.local_devices()), ("runs",))
-        n_pad = math.ceil(p.chunk_runs / n_dev) * n_dev
-        programs: dict[int, Program] = {}
         runs_mine = sum(math.prod(_region_shape(c.region)) for c in mine)
         runs_now = sum(math.prod(_region_shape(c.region)) for c in todo)
         # Compile every program this process needs first, so compile_seconds and run_seconds
         # are separate measurements (run time is never hidden under compilation).
-        inputs = []
         t_compile = time.perf_counter()
-        code = _code_stamp() if todo else ""
-        for c in todo:
-            prog = programs.get(c.group)
-            if prog is None:
-                group = p.groups[c.group]
-                prog = programs[c.group] = Program(
-                    group.spec, n_pad, mesh, key=program_key(p, group, n_pad, code)
-                )
-            hp, seeds, n = chunk_inputs(p, c, n_pad)
-            inputs.append((c, prog, hp, seeds, n))
-        compile_all([(prog, hp, seeds) for _, prog, hp, seeds, _ in inputs])
+        inputs, n_programs = prepare(p, todo, mesh, _code_stamp() if todo else None)
         compile_s = time.perf_counter() - t_compile
         bar = _progress_bar(runs_now, progress and dist.index == 0, res.sweep.name)
         diverged = 0
@@ -810,7 +805,7 @@ def execute(
             diverged,
             total_compile,
             total_run,
-            len(programs),
+            n_programs,
             len(jax.devices()),
             jax.local_devices()[0].device_kind,
             dist.count,

@@ -463,7 +463,17 @@ def make_run(spec: RunSpec) -> Callable:
                 acc["loss"] = acc["loss"] + jnp.where(live, info.loss, 0.0)
             # Per-step statistics cost a few passes over the gradient: its per-layer squared
             # norms (kept for the next step's cosine) and its inner products with the last one.
-            grad_sq = obs.layer_sq_norms(info.grads) if track_grad else ()
+            if track_cos:  # every step's norms enter the cosines
+                grad_sq = obs.layer_sq_norms(info.grads)
+            elif track_grad:  # only the record interval's last step is read
+                grad_sq = jax.lax.cond(
+                    t % spec.record_every == 0,
+                    obs.layer_sq_norms,
+                    lambda _: c.grad_sq,
+                    info.grads,
+                )
+            else:
+                grad_sq = ()
             if track_cos:
                 dots = obs.layer_dots(c.prev_grads, info.grads)
                 per, whole = obs.cosines_from_parts(dots, c.grad_sq, grad_sq)

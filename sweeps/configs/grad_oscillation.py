@@ -35,9 +35,9 @@ def digits_unit(n_train, image=False):
     return dyn.data.digits(seed=0, normalize="unit", n_train=n_train or None, image=image)
 
 
-def build(steps, record_every, slow_every, depth, width, activation, n_train, sharpness_iters):
-    data = digits_unit(n_train)
-    model = dyn.mlp((64,) + (width,) * (depth - 1) + (10,), activation=activation)
+def oscillation_spec(model, data, steps, record_every, slow_every, sharpness_iters):
+    """Full-batch GD, square loss, adjacent-gradient cosines and sharpness (shared by the CNN
+    sweep)."""
     return dyn.RunSpec(
         model=model,
         data=data,
@@ -49,6 +49,13 @@ def build(steps, record_every, slow_every, depth, width, activation, n_train, sh
         slow_every=slow_every,
         sampling="full",
         sharpness_iters=sharpness_iters,
+    )
+
+
+def build(steps, record_every, slow_every, depth, width, activation, n_train, sharpness_iters):
+    model = dyn.mlp((64,) + (width,) * (depth - 1) + (10,), activation=activation)
+    return oscillation_spec(
+        model, digits_unit(n_train), steps, record_every, slow_every, sharpness_iters
     )
 
 

@@ -14,23 +14,13 @@ lr (6) being stable for every seed (lr 15 diverges).
 
 import dynamics as dyn
 from sweeps import Sweep
-from sweeps.configs.grad_oscillation import digits_unit
+from sweeps.configs.grad_oscillation import digits_unit, oscillation_spec
 
 
 def build(steps, record_every, slow_every, channels, stride, activation, n_train, sharpness_iters):
-    data = digits_unit(n_train, image=True)
     model = dyn.cnn((1, 8, 8), channels, 10, stride=stride, activation=activation)
-    return dyn.RunSpec(
-        model=model,
-        data=data,
-        loss="square",
-        stepper=dyn.sgd,
-        steps=steps,
-        record_every=record_every,
-        observables=("loss", "grad_corr", "sharpness"),
-        slow_every=slow_every,
-        sampling="full",
-        sharpness_iters=sharpness_iters,
+    return oscillation_spec(
+        model, digits_unit(n_train, image=True), steps, record_every, slow_every, sharpness_iters
     )
 
 

@@ -452,7 +452,11 @@ def make_run(spec: RunSpec) -> Callable:
         def step(c: _Carry, t):
             batch = sample(jax.random.fold_in(k_data, t), hp, data)
             new_state, info = stepper.step_fn(c.state, batch, hp)
-            ok = jnp.isfinite(info.loss) & _all_finite(new_state.params)
+            # Divergence is read off the loss each step; the parameters are checked once per
+            # record interval (see `check_params`), which pins the same step: non-finite
+            # parameters give a non-finite loss at the next step. The freeze is then a select
+            # the update's own loop absorbs, instead of two more passes over the parameters.
+            ok = jnp.isfinite(info.loss)
             diverged = c.diverged | ~ok
             live = ~diverged
             state = _tree_where(diverged, c.state, new_state)
@@ -493,6 +497,25 @@ def make_run(spec: RunSpec) -> Callable:
             div_step = jnp.where(c.diverged | ok, c.diverged_step, t.astype(jnp.int32))
             return _Carry(state, prev, grad_sq, acc, diverged, div_step), None
 
+        def check_params(c: _Carry, t0, t1) -> _Carry:
+            """After the steps t0+1..t1: the step whose update first made the parameters
+            non-finite. A run stopped by a non-finite loss at step s is frozen at the parameters
+            that loss was computed from; if those are non-finite, the update of step s - 1 made
+            them so (the earlier parameters were finite, or an earlier loss would not have
+            been). A run whose parameters after step t1 are non-finite while every loss was
+            finite diverged at t1."""
+            finite = _all_finite(c.state.params)
+            here = c.diverged & (c.diverged_step > t0)
+            div_step = jnp.where(here & ~finite, c.diverged_step - 1, c.diverged_step)
+            newly = ~c.diverged & ~finite
+            div_step = jnp.where(newly, t1, div_step).astype(jnp.int32)
+            return c._replace(diverged=c.diverged | newly, diverged_step=div_step)
+
+        def observed(params, diverged):
+            # a diverged run's records are NaN; its (possibly non-finite) parameters are not
+            # handed to the observables, whose LAPACK calls would only be slowed by them
+            return jax.tree.map(lambda x: jnp.where(diverged, jnp.zeros_like(x), x), params)
+
         def mask_nan(values: dict, diverged) -> dict:
             return {n: jnp.where(diverged, jnp.nan, v) for n, v in values.items()}
 
@@ -506,10 +529,15 @@ def make_run(spec: RunSpec) -> Callable:
                 t0 + jnp.arange(1, spec.record_every + 1, dtype=jnp.int32),
                 unroll=2 if track_cos else 1,
             )
+            c = check_params(c, t0, t0 + spec.record_every)
             values = observe_steps(c)
             values.update(
                 observe_state(
-                    c.state.params, hp, data, jax.random.fold_in(k_obs, 1 + r), cheap_state
+                    observed(c.state.params, c.diverged),
+                    hp,
+                    data,
+                    jax.random.fold_in(k_obs, 1 + r),
+                    cheap_state,
                 )
             )
             acc = zero_acc()
@@ -518,7 +546,11 @@ def make_run(spec: RunSpec) -> Callable:
         def slow_block(c: _Carry, s):
             c, cheap = jax.lax.scan(record, c, s * spec.slow_every + jnp.arange(spec.slow_every))
             costly = observe_state(
-                c.state.params, hp, data, jax.random.fold_in(k_obs, 1 + n_rec + s), costly_state
+                observed(c.state.params, c.diverged),
+                hp,
+                data,
+                jax.random.fold_in(k_obs, 1 + n_rec + s),
+                costly_state,
             )
             return c, (cheap, mask_nan(costly, c.diverged))
 

@@ -408,3 +408,97 @@ def test_bucketing_equals_masking(sgd_runs):
     # a different true batch size gives a different run (the check can fail)
     other = srun(hp._replace(batch_size=jnp.int32(5)), KEYS[1])
     assert not np.allclose(other["loss"], masked["loss"])
+
+
+def _first_bad_step(spec, hp, key):
+    """Step-by-step reference for full-batch GD: the first step whose loss (at the old
+    parameters) or whose updated parameters are non-finite; -1 if none."""
+    loss_fn = train.make_loss_fn(spec.model, spec.loss)
+    stepper = spec.stepper(loss_fn)
+    k_init, _ = jax.random.split(key)
+    state = stepper.init_fn(models.scale_weights(spec.model.init(k_init), hp.init_scale))
+    n = spec.data.x_train.shape[0]
+    batch = Batch(
+        jnp.asarray(spec.data.x_train), jnp.asarray(spec.data.y_train), jnp.full((n,), 1.0 / n)
+    )
+    step = jax.jit(stepper.step_fn)
+    for t in range(1, spec.steps + 1):
+        new, info = step(state, batch, hp)
+        finite = all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(new.params))
+        if not (bool(jnp.isfinite(info.loss)) and finite):
+            return t
+        state = new
+    return -1
+
+
+@pytest.mark.parametrize(
+    "lr,what",
+    [
+        (3e38, "the first update overflows while its loss is finite"),
+        (40.0, "the loss blows up over several steps"),
+        (0.05, "no divergence"),
+    ],
+)
+def test_diverged_step_matches_a_step_by_step_reference(lr, what):
+    spec = RunSpec(
+        model=MODEL,
+        data=DATA,
+        loss="square",
+        steps=STEPS,
+        record_every=EVERY,
+        sampling="full",
+        observables=("loss", "rho", "rank"),
+    )
+    hp, key = _hp(lr), jax.random.key(3)
+    trace = jax.jit(make_run(spec))(hp, key)
+    want = _first_bad_step(spec, hp, key)
+    assert int(trace["diverged_step"]) == want, what
+    assert int(trace["status"]) == (want > 0)
+    if want > 0:
+        # records from the record at or after the flagged step on are NaN, earlier ones are not
+        for name in ("rho", "rank"):
+            v = np.asarray(trace[name])
+            v = v.reshape(v.shape[0], -1)
+            assert np.isnan(v[RECORDS >= want]).all() and not np.isnan(v[RECORDS < want]).any()
+
+
+def _blow_up_at(step_no):
+    """GD whose step `step_no` takes a learning rate of 3e38: its update overflows while the
+    loss it was computed from is finite."""
+
+    def factory(loss_fn):
+        def init_fn(params):
+            return steps.TrainState(params, jnp.zeros((), jnp.int32))
+
+        def step_fn(state, batch, hp):
+            loss, g = jax.value_and_grad(loss_fn)(state.params, batch)
+            t = state.opt_state + 1
+            lr = jnp.where(t == step_no, 3e38, hp.lr)
+            params = jax.tree.map(lambda w, d: w - lr * d, state.params, g)
+            return steps.TrainState(params, t), steps.StepInfo(loss, g)
+
+        return steps.Stepper(init_fn, step_fn)
+
+    return factory
+
+
+@pytest.mark.parametrize("step_no", [EVERY, EVERY + 1, STEPS])
+def test_divergence_from_one_overflowing_update(step_no):
+    # at a record step (only the record's parameter check sees it), just after one (the next
+    # loss sees it), and at the last step of the run
+    spec = RunSpec(
+        model=MODEL,
+        data=DATA,
+        loss="square",
+        stepper=_blow_up_at(step_no),
+        steps=STEPS,
+        record_every=EVERY,
+        sampling="full",
+        observables=("loss", "rho"),
+    )
+    hp, key = _hp(0.01), jax.random.key(0)
+    trace = jax.jit(make_run(spec))(hp, key)
+    assert _first_bad_step(spec, hp, key) == step_no
+    assert int(trace["diverged_step"]) == step_no and int(trace["status"]) == 1
+    rho = np.asarray(trace["rho"])
+    assert np.isnan(rho[RECORDS >= step_no]).all() and np.isfinite(rho[RECORDS < step_no]).all()

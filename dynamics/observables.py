@@ -103,7 +103,35 @@ def _pinv_hermitian(a):
     return jnp.linalg.pinv(a, hermitian=True)
 
 
+SPECTRUM_METHODS = ("auto", "native", "svd", "gram")
+
+# Largest min(rows, cols) for which "auto" uses the compiled kernel on the CPU (above it,
+# LAPACK's blocked routines win; `python -m bench` reports both per shape).
+NATIVE_MAX_DIM = 512
+
+
+def spectrum_method_for(shape, method: str = "auto") -> str:
+    """The method `singular_values` uses for a matrix of this shape: "native" (the compiled CPU
+    kernel, `dynamics.native`; LAPACK on other platforms), "svd" (LAPACK / cuSOLVER) or "gram".
+    "auto" takes "native" where the kernel is available and min(shape) <= NATIVE_MAX_DIM."""
+    if method == "auto":
+        from dynamics import native
+
+        small = min(shape[-2:]) <= NATIVE_MAX_DIM
+        return "native" if small and native.available() else "svd"
+    if method == "native":
+        from dynamics import native
+
+        return "native" if native.available() else "svd"
+    return method
+
+
 def _svals(w, method):
+    method = spectrum_method_for(w.shape, method)
+    if method == "native":
+        from dynamics import native
+
+        return jax.lax.platform_dependent(w, cpu=native.svdvals, default=_svd_values)
     if method == "svd":
         return _svd_values(w)
     # "gram": eigenvalues of the smaller Gram matrix, s_i = sqrt(lambda_i).
@@ -113,11 +141,13 @@ def _svals(w, method):
 
 
 @_no_grad
-def singular_values(params, pad_to: int | None = None, method: str = "svd") -> jax.Array:
+def singular_values(params, pad_to: int | None = None, method: str = "auto") -> jax.Array:
     """Singular values of every layer's (out, in*k*k) matrix, descending, NaN-padded to pad_to.
 
-    method="svd" (LAPACK/cuSOLVER SVD) or "gram" (square roots of the eigenvalues of W W^T,
-    faster, accurate for s_i / s_1 above about sqrt(eps)). Shape (L, pad_to).
+    method: "auto" (default: the compiled kernel of `dynamics.native` on the CPU for matrices
+    up to NATIVE_MAX_DIM, else LAPACK), "native", "svd" (LAPACK / cuSOLVER SVD) or "gram"
+    (square roots of the eigenvalues of W W^T, accurate for s_i / s_1 above about sqrt(eps)).
+    Shape (L, pad_to).
     """
     ws = layer_weights(params)
     pad_to = max(min(w.shape) for w in ws) if pad_to is None else pad_to

@@ -129,7 +129,8 @@ class RunSpec:
     uniformly; slot i's draw does not depend on B), "permutation" (the first `batch` entries of a fresh
     random permutation per step: without replacement) or "full" (the whole training set in
     order: gradient descent); eval_size: records evaluate the first eval_size training
-    examples; rank_tol: tolerance of `rank`; spectrum_method: "svd" or "gram";
+    examples; rank_tol: tolerance of `rank`; spectrum_method: a method of
+    `observables.singular_values` ("auto", "native", "svd" or "gram");
     sharpness_iters: power iterations for `sharpness`.
     """
 
@@ -145,7 +146,7 @@ class RunSpec:
     sampling: str = "replacement"
     eval_size: int | None = 4096
     rank_tol: float = 1e-3
-    spectrum_method: str = "svd"
+    spectrum_method: str = "auto"
     sharpness_iters: int = 20
 
     def validate(self) -> None:
@@ -179,9 +180,10 @@ class RunSpec:
                 raise ValueError("observables: neural collapse needs a model with apply_features")
             if self.data.num_classes < 2:
                 raise ValueError("observables: neural collapse needs class labels")
-        if self.spectrum_method not in ("svd", "gram"):
+        if self.spectrum_method not in obs.SPECTRUM_METHODS:
             raise ValueError(
-                f"spectrum_method: must be 'svd' or 'gram', got {self.spectrum_method!r}"
+                f"spectrum_method: must be one of {obs.SPECTRUM_METHODS}, "
+                f"got {self.spectrum_method!r}"
             )
 
     @property

@@ -444,6 +444,7 @@ class Program:
         )
         self.fn = jax.jit(local, in_shardings=(shard, shard, repl), out_shardings=shard)
         self.shard = shard
+        self.spec = spec
         self.n_pad = n_pad
         self.key = key
         self.compiled = None
@@ -457,6 +458,10 @@ class Program:
 
         hp, seeds = jax.device_put((hp, seeds), self.shard)
         t = time.perf_counter()
+        if _records_spectra(self.spec):  # a loaded program calls the kernel: register it first
+            from dynamics import native
+
+            native.available()
         self.compiled = self._load_exported(hp, seeds)
         if self.compiled is None:
             self.compiled = self._export_and_compile(hp, seeds)
@@ -489,7 +494,11 @@ class Program:
             return self.fn.lower(hp, seeds, self.data).compile()
         from jax import export
 
-        exp = export.export(self.fn)(hp, seeds, self.data)
+        from dynamics import native
+
+        # the compiled spectral kernel is this project's own custom call (dynamics.native)
+        checks = [export.DisabledSafetyCheck.custom_call(native.TARGET)]
+        exp = export.export(self.fn, disabled_checks=checks)(hp, seeds, self.data)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f"{path}.{os.getpid()}.tmp"
         with open(tmp, "wb") as f:
@@ -507,6 +516,12 @@ class Program:
 
 
 _EXPORT_READY: bool | None = None
+
+
+def _records_spectra(spec) -> bool:
+    from dynamics.train import resolve_observables
+
+    return bool({"sv", "rank", "stable_rank"} & set(resolve_observables(spec.observables)))
 
 
 def prepare(p: Plan, chunks, mesh, code: str | None = None) -> tuple[list, int]:
@@ -597,6 +612,14 @@ def _code_stamp() -> str:
     return h.hexdigest()
 
 
+def _native_kernel() -> str | None:
+    """The compiled spectral kernel a traced program calls (its library file), or None when
+    it is unavailable and the program calls LAPACK instead."""
+    from dynamics import native
+
+    return native.status()["path"] if native.available() else None
+
+
 def program_key(p: Plan, group: Group, n_pad: int, code: str | None = None) -> str:
     """What determines a group's program: the spec's code and settings, the group's static point
     and batch, the padding, the devices, the versions and the code loaded in this process
@@ -616,6 +639,7 @@ def program_key(p: Plan, group: Group, n_pad: int, code: str | None = None) -> s
             "devices": [d.device_kind for d in jax.local_devices()],
             "versions": package_versions(),
             "code": code if code is not None else _code_stamp(),
+            "native": _native_kernel() if _records_spectra(group.spec) else None,
         },
         sort_keys=True,
         default=repr,

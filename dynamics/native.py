@@ -28,6 +28,8 @@ import warnings
 from pathlib import Path
 
 TARGET = "dynamics_svdvals"
+GRAD_PAIRS = "dynamics_grad_pairs"
+TARGETS = (TARGET, GRAD_PAIRS)
 SOURCE = Path(__file__).with_name("_native") / "svdvals.cc"
 
 _lock = threading.Lock()
@@ -109,6 +111,9 @@ def _load() -> None:
         _build(cxx, include, path)
     lib = ctypes.CDLL(str(path))
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.DynamicsSvdvals), platform="cpu")
+    jax.ffi.register_ffi_target(
+        GRAD_PAIRS, jax.ffi.pycapsule(lib.DynamicsGradPairs), platform="cpu"
+    )
     _state.update(lib=lib, path=str(path))
 
 
@@ -154,3 +159,27 @@ def svdvals(x):
     k = min(x.shape[-2:])
     out = jax.ShapeDtypeStruct(x.shape[:-2] + (k,), jnp.float32)
     return jax.ffi.ffi_call(TARGET, out, vmap_method="broadcast_all")(x)
+
+
+def grad_pairs(grads, prev):
+    """(dots, squares, grads) for lists of per-layer arrays: dots[k] = <prev_k, grads_k>,
+    squares[k] = |grads_k|^2 (shape (L,)), and the gradients again, written over `prev`'s
+    buffers (the previous gradient of the next step). One pass over each gradient, where XLA
+    takes two reductions and a copy into the loop state. Requires `available()`."""
+    import jax
+    import jax.numpy as jnp
+
+    n = len(grads)
+    out = (
+        jax.ShapeDtypeStruct((n,), jnp.float32),
+        jax.ShapeDtypeStruct((n,), jnp.float32),
+        *[jax.ShapeDtypeStruct(g.shape, jnp.float32) for g in grads],
+    )
+    call = jax.ffi.ffi_call(
+        GRAD_PAIRS,
+        out,
+        vmap_method="broadcast_all",
+        input_output_aliases={n + k: 2 + k for k in range(n)},
+    )
+    dots, sq, *new = call(*[jnp.asarray(g, jnp.float32) for g in grads], *prev)
+    return dots, sq, new

@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from dynamics.models import layer_weights
@@ -224,6 +225,37 @@ def layer_sq_norms(grads) -> jax.Array:
 def layer_dots(a, b) -> jax.Array:
     """Per-layer inner products <a_k, b_k> (L,)."""
     return _per_layer(_dot, a, b)
+
+
+def adjacent_parts(prev, grads):
+    """(dots, squares, grads) of one step: per-layer <prev_k, g_k> and ||g_k||^2 (L,), and the
+    gradient to keep as the next step's `prev`. On the CPU one pass of the compiled kernel
+    (`dynamics.native.grad_pairs`) computes all of it and writes the gradient over `prev`'s
+    buffers; elsewhere, XLA's reductions."""
+    prev = jax.tree.map(_stop, prev)
+    grads = jax.tree.map(_stop, grads)
+
+    def xla(prev, grads):
+        return layer_dots(prev, grads), layer_sq_norms(grads), grads
+
+    from dynamics import native
+
+    if not native.available():
+        return xla(prev, grads)
+
+    def kernel(prev, grads):
+        leaves_g, tree = jax.tree.flatten(grads)
+        leaves_p = jax.tree.leaves(prev)
+        dots, sq, new = native.grad_pairs(leaves_g, leaves_p)
+        # leaves back to layers: layer k owns the leaves of grads[k]
+        sizes = [len(jax.tree.leaves(layer)) for layer in grads]
+        starts = np.cumsum([0] + sizes)
+        per = lambda v: jnp.stack(
+            [jnp.sum(v[a:b]) for a, b in zip(starts[:-1], starts[1:], strict=True)]
+        )
+        return per(dots), per(sq), jax.tree.unflatten(tree, new)
+
+    return jax.lax.platform_dependent(prev, grads, cpu=kernel, default=xla)
 
 
 def cosines_from_parts(dots, sq_a, sq_b) -> tuple[jax.Array, jax.Array]:

@@ -469,8 +469,8 @@ def make_run(spec: RunSpec) -> Callable:
                 acc["loss"] = acc["loss"] + jnp.where(live, info.loss, 0.0)
             # Per-step statistics cost a few passes over the gradient: its per-layer squared
             # norms (kept for the next step's cosine) and its inner products with the last one.
-            if track_cos:  # every step's norms enter the cosines
-                grad_sq = obs.layer_sq_norms(info.grads)
+            if track_cos:  # every step's norms enter the cosines, with its dot with the last
+                dots, grad_sq, prev = obs.adjacent_parts(c.prev_grads, info.grads)
             elif track_grad:  # only the record interval's last step is read
                 grad_sq = jax.lax.cond(
                     t % spec.record_every == 0,
@@ -481,7 +481,6 @@ def make_run(spec: RunSpec) -> Callable:
             else:
                 grad_sq = ()
             if track_cos:
-                dots = obs.layer_dots(c.prev_grads, info.grads)
                 per, whole = obs.cosines_from_parts(dots, c.grad_sq, grad_sq)
                 pair = live & (t > 1)
                 pf = pair.astype(jnp.float32)
@@ -495,7 +494,7 @@ def make_run(spec: RunSpec) -> Callable:
                 acc["upd"] = acc["upd"] + jnp.where(live, upd, 0.0)
             # After divergence nothing reads the gradients any more (pairs and records are
             # masked), so they are carried without a select.
-            prev = info.grads if track_cos else ()
+            prev = prev if track_cos else ()
             div_step = jnp.where(c.diverged | ok, c.diverged_step, t.astype(jnp.int32))
             return _Carry(state, prev, grad_sq, acc, diverged, div_step), None
 

@@ -458,7 +458,7 @@ class Program:
 
         hp, seeds = jax.device_put((hp, seeds), self.shard)
         t = time.perf_counter()
-        if _records_spectra(self.spec):  # a loaded program calls the kernel: register it first
+        if _uses_native(self.spec):  # a loaded program may call the kernels: register them
             from dynamics import native
 
             native.available()
@@ -497,7 +497,7 @@ class Program:
         from dynamics import native
 
         # the compiled spectral kernel is this project's own custom call (dynamics.native)
-        checks = [export.DisabledSafetyCheck.custom_call(native.TARGET)]
+        checks = [export.DisabledSafetyCheck.custom_call(t) for t in native.TARGETS]
         exp = export.export(self.fn, disabled_checks=checks)(hp, seeds, self.data)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f"{path}.{os.getpid()}.tmp"
@@ -518,10 +518,12 @@ class Program:
 _EXPORT_READY: bool | None = None
 
 
-def _records_spectra(spec) -> bool:
-    from dynamics.train import resolve_observables
+def _uses_native(spec) -> bool:
+    """Whether the spec's program may call the compiled kernels (spectra, adjacent gradients)."""
+    from dynamics.train import ALIASES, resolve_observables
 
-    return bool({"sv", "rank", "stable_rank"} & set(resolve_observables(spec.observables)))
+    wanted = {"sv", "rank", "stable_rank", *ALIASES["grad_corr"]}
+    return bool(wanted & set(resolve_observables(spec.observables)))
 
 
 def prepare(p: Plan, chunks, mesh, code: str | None = None) -> tuple[list, int]:
@@ -639,7 +641,7 @@ def program_key(p: Plan, group: Group, n_pad: int, code: str | None = None) -> s
             "devices": [d.device_kind for d in jax.local_devices()],
             "versions": package_versions(),
             "code": code if code is not None else _code_stamp(),
-            "native": _native_kernel() if _records_spectra(group.spec) else None,
+            "native": _native_kernel() if _uses_native(group.spec) else None,
         },
         sort_keys=True,
         default=repr,

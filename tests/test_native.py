@@ -154,3 +154,51 @@ def test_falls_back_to_lapack_when_the_kernel_cannot_be_built(tmp_path):
     env = {**os.environ, "DYNAMICS_NATIVE": "0"}
     code = "from dynamics import native; s = native.status(); assert s['disabled'] and not s['available']"
     assert subprocess.run([sys.executable, "-c", code], env=env).returncode == 0
+
+
+def test_grad_pairs_against_xla_reductions():
+    shapes = [(6, 5), (5,), (3, 6), (1, 1), (7, 33)]
+    g = [jnp.asarray(RNG.standard_normal(s), jnp.float32) for s in shapes]
+    p = [jnp.asarray(RNG.standard_normal(s), jnp.float32) for s in shapes]
+    dots, sq, new = native.grad_pairs(g, p)
+    np.testing.assert_allclose(
+        dots,
+        [np.vdot(np.asarray(a, np.float64), b) for a, b in zip(g, p, strict=True)],
+        rtol=1e-5,
+        atol=1e-6,
+    )
+    np.testing.assert_allclose(sq, [np.sum(np.asarray(a, np.float64) ** 2) for a in g], rtol=1e-5)
+    for a, b in zip(new, g, strict=True):
+        np.testing.assert_array_equal(a, b)
+    # vmapped over runs, in a jitted scan that carries the previous gradient (aliased buffers)
+    runs = 3
+    gs = [jnp.asarray(RNG.standard_normal((5, runs) + s), jnp.float32) for s in shapes]
+
+    def scan_fn(prev, g):
+        d, s2, nxt = native.grad_pairs(g, prev)
+        return nxt, (d, s2)
+
+    f = jax.jit(
+        jax.vmap(lambda seq: jax.lax.scan(scan_fn, [x[0] * 0 for x in seq], seq)[1], in_axes=1)
+    )
+    d, s2 = f(gs)  # (runs, 5, L)
+    for r in range(runs):
+        for t in range(5):
+            for k in range(len(shapes)):
+                cur = np.asarray(gs[k][t, r], np.float64)
+                last = np.asarray(gs[k][t - 1, r], np.float64) if t else 0 * cur
+                assert d[r, t, k] == pytest.approx(np.vdot(cur, last), rel=1e-5, abs=1e-6)
+                assert s2[r, t, k] == pytest.approx(np.vdot(cur, cur), rel=1e-5)
+
+
+def test_adjacent_parts_kernel_equals_xla(monkeypatch):
+    params = [{"w": jnp.asarray(RNG.standard_normal((8, 4)), jnp.float32), "b": jnp.ones((8,))}]
+    params.append({"w": jnp.asarray(RNG.standard_normal((3, 8)), jnp.float32)})
+    prev = jax.tree.map(lambda x: x * 0.5 + 0.1, params)
+    a = obs.adjacent_parts(prev, params)
+    monkeypatch.setenv("DYNAMICS_NATIVE", "0")
+    b = obs.adjacent_parts(prev, params)
+    np.testing.assert_allclose(a[0], b[0], rtol=1e-6)
+    np.testing.assert_allclose(a[1], b[1], rtol=1e-6)
+    assert a[0].shape == (2,)
+    jax.tree.map(np.testing.assert_array_equal, a[2], b[2])

@@ -521,3 +521,70 @@ static ffi::Error SvdvalsImpl(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F3
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DynamicsSvdvals, SvdvalsImpl,
                               ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>());
+
+// ------------------------------------------------------------------ adjacent gradients
+
+// Arguments: L gradients g_k and L previous gradients p_k (each (runs..., ...), float32);
+// results: dots (runs..., L) = <p_k, g_k>, squares (runs..., L) = |g_k|^2, and the L new
+// previous gradients (g_k, written over p_k: the caller aliases them). One pass over each
+// gradient, instead of two reductions and a copy into the loop state.
+static ffi::Error GradPairsImpl(ffi::RemainingArgs args, ffi::RemainingRets rets) {
+  const size_t L = args.size() / 2;
+  if (args.size() != 2 * L || rets.size() != L + 2)
+    return ffi::Error::InvalidArgument("grad_pairs: expected 2L arguments and L + 2 results");
+  auto dots = rets.get<ffi::Buffer<ffi::F32>>(0);
+  auto sqs = rets.get<ffi::Buffer<ffi::F32>>(1);
+  if (!dots.has_value() || !sqs.has_value()) return ffi::Error::Internal("grad_pairs: results");
+  float* dot = (*dots)->typed_data();
+  float* sq = (*sqs)->typed_data();
+  const int64_t runs = static_cast<int64_t>((*dots)->element_count() / L);
+  for (size_t k = 0; k < L; ++k) {
+    auto g = args.get<ffi::Buffer<ffi::F32>>(k);
+    auto p = args.get<ffi::Buffer<ffi::F32>>(L + k);
+    auto out = rets.get<ffi::Buffer<ffi::F32>>(2 + k);
+    if (!g.has_value() || !p.has_value() || !out.has_value())
+      return ffi::Error::Internal("grad_pairs: buffers");
+    const int64_t size = static_cast<int64_t>(g->element_count()) / runs;
+    const float* gd = g->typed_data();
+    const float* pd = p->typed_data();
+    float* od = (*out)->typed_data();
+    for (int64_t r = 0; r < runs; ++r) {
+      const float* gr = gd + r * size;
+      const float* pr = pd + r * size;
+      float* orow = od + r * size;
+      vf ad0 = {}, ad1 = {}, as0 = {}, as1 = {};
+      int64_t i = 0;
+      for (; i + 2 * kF <= size; i += 2 * kF) {
+        vf g0, g1, p0, p1;
+        __builtin_memcpy(&g0, gr + i, sizeof g0);
+        __builtin_memcpy(&g1, gr + i + kF, sizeof g1);
+        __builtin_memcpy(&p0, pr + i, sizeof p0);
+        __builtin_memcpy(&p1, pr + i + kF, sizeof p1);
+        ad0 += g0 * p0;
+        ad1 += g1 * p1;
+        as0 += g0 * g0;
+        as1 += g1 * g1;
+        if (orow != gr) {
+          __builtin_memcpy(orow + i, &g0, sizeof g0);
+          __builtin_memcpy(orow + i + kF, &g1, sizeof g1);
+        }
+      }
+      double d = 0.0, s2 = 0.0;
+      for (int l = 0; l < kF; ++l) {
+        d += static_cast<double>(ad0[l]) + ad1[l];
+        s2 += static_cast<double>(as0[l]) + as1[l];
+      }
+      for (; i < size; ++i) {
+        d += static_cast<double>(gr[i]) * pr[i];
+        s2 += static_cast<double>(gr[i]) * gr[i];
+        if (orow != gr) orow[i] = gr[i];
+      }
+      dot[r * L + k] = static_cast<float>(d);
+      sq[r * L + k] = static_cast<float>(s2);
+    }
+  }
+  return ffi::Error::Success();
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DynamicsGradPairs, GradPairsImpl,
+                              ffi::Ffi::Bind().RemainingArgs().RemainingRets());

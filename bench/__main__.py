@@ -166,27 +166,67 @@ def flops_per_example(spec) -> tuple[float, float]:
     return train, forward
 
 
-def spectrum_methods(spec, runs: int = 64, repeat: int = 3) -> dict:
-    """Seconds per run for one record's spectra of every layer, by method, on the reference
-    shapes (vmapped over `runs` runs on one device)."""
+def spectrum_methods(spec, runs_per_device: int, repeat: int = 5, iters: int = 20) -> dict:
+    """Microseconds per matrix of each spectral method for every layer shape of the reference
+    model, the way the runner calls them (vmapped over runs, sharded over the local devices, all
+    devices at once, `iters` calls in a row), and what "auto" picks; plus the seconds per run
+    and record of each."""
     import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import Mesh
+    from jax.sharding import PartitionSpec as P
 
+    from dynamics import native
     from dynamics import observables as obs
+    from dynamics.models import layer_weights
 
-    keys = jax.random.split(jax.random.key(0), runs)
-    params = jax.vmap(spec.model.init)(keys)
-    out = {}
-    for method in ("svd", "gram"):
-        f = jax.jit(jax.vmap(lambda p, m=method: obs.singular_values(p, method=m)))
-        jax.block_until_ready(f(params))
-        best = math.inf
-        for _ in range(repeat):
-            t = time.perf_counter()
-            jax.block_until_ready(f(params))
-            best = min(best, time.perf_counter() - t)
-        out[method] = best / runs
-    out["chosen"] = spec.spectrum_method
-    return out
+    devs = jax.local_devices()
+    mesh = Mesh(np.asarray(devs), ("runs",))
+    n = runs_per_device * len(devs)
+    params = jax.vmap(spec.model.init)(jax.random.split(jax.random.key(0), n))
+    weights = jax.vmap(layer_weights)(params)  # per layer: (runs, out, in*k*k)
+    methods = ["svd", "gram"] + (["native"] if native.available() else [])
+    per_shape: dict = {}
+    for w in weights:
+        shape = tuple(int(d) for d in w.shape[1:])
+        key = "x".join(map(str, shape))
+        if key in per_shape:
+            per_shape[key]["layers"] += 1
+            continue
+        row: dict = {"layers": 1, "auto": obs.spectrum_method_for(shape)}
+        for m in methods:
+
+            def loop(x, m=m):  # calls in a row; each depends on the last, so none is hoisted
+                def body(c, _):
+                    return c + 0.0 * jnp.sum(obs._svals(c, m)), None
+
+                return jax.lax.scan(body, x, None, length=iters)[0]
+
+            f = jax.jit(
+                jax.shard_map(
+                    jax.vmap(loop),
+                    mesh=mesh,
+                    in_specs=P("runs"),
+                    out_specs=P("runs"),
+                    check_vma=False,
+                )
+            )
+            jax.block_until_ready(f(w))
+            best = math.inf
+            for _ in range(repeat):
+                t = time.perf_counter()
+                jax.block_until_ready(f(w))
+                best = min(best, time.perf_counter() - t)
+            row[m] = 1e6 * best * len(devs) / (n * iters)  # device-seconds per matrix
+        per_shape[key] = row
+    totals = {m: sum(r[m] * r["layers"] for r in per_shape.values()) * 1e-6 for m in methods}
+    totals["auto"] = sum(r[r["auto"]] * r["layers"] for r in per_shape.values()) * 1e-6
+    return {
+        "per_matrix_us": per_shape,
+        "seconds_per_run_record": totals,
+        "chosen": spec.spectrum_method,
+    }
 
 
 def useful_flops(res, specs, train_ex, fwd_ex) -> float:
@@ -447,7 +487,7 @@ def main(argv=None) -> int:
     for (b, name), (_, form_flops) in forms.items():
         row = report["matmul_forms_flops_per_s"].setdefault(b, {})
         row[name] = form_flops / best[("form", b, name)]
-    report["spectrum_seconds_per_run_record"] = spectrum_methods(specs[0][1])
+    report["spectra"] = spectrum_methods(specs[0][1], per_dev)
 
     # 5. the loop of single runs, timed once, against the vectorized sweep timed right after it
     if not args.skip_loop:
@@ -527,12 +567,18 @@ def _print_table(r: dict) -> None:
             )
             for b, row in r["matmul_forms_flops_per_s"].items()
         ],
+        *[
+            (
+                f"spectra, {shape} x{row['layers']}",
+                ", ".join(f"{m} {row[m]:.0f} us" for m in ("native", "svd", "gram") if m in row)
+                + f" per matrix (auto: {row['auto']})",
+            )
+            for shape, row in r["spectra"]["per_matrix_us"].items()
+        ],
         (
             "spectra per run-record",
-            "svd {:.0f} us, gram {:.0f} us (using {})".format(
-                1e6 * r["spectrum_seconds_per_run_record"]["svd"],
-                1e6 * r["spectrum_seconds_per_run_record"]["gram"],
-                r["spectrum_seconds_per_run_record"]["chosen"],
+            ", ".join(
+                f"{m} {1e6 * v:.0f} us" for m, v in r["spectra"]["seconds_per_run_record"].items()
             ),
         ),
         (

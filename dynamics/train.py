@@ -522,8 +522,10 @@ def make_run(spec: RunSpec) -> Callable:
 
         def record(c: _Carry, r):
             t0 = r * spec.record_every
-            # Unrolled by two when adjacent gradients are compared: the last gradient and the new
-            # one then alternate between two buffers instead of being copied into the carry.
+            # Unrolled by two when adjacent gradients are compared, so that without the compiled
+            # kernel (`observables.adjacent_parts`; off the CPU) the last gradient and the new
+            # one alternate between two buffers instead of being copied into the carry. With the
+            # kernel, which writes the gradient over the last one, it makes no difference.
             c, _ = jax.lax.scan(
                 step,
                 c,

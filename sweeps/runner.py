@@ -526,13 +526,21 @@ def _uses_native(spec) -> bool:
     return bool(wanted & set(resolve_observables(spec.observables)))
 
 
+def runs_per_device(chunk_runs: int, n_dev: int) -> int:
+    """Runs each device computes per call: the chunk padded to a multiple of the devices, and
+    never a single one. XLA drops a vmapped axis of length one and computes the lone run with
+    other matmul kernels, whose rounding differs; from two runs per device up, a run's numbers
+    are bit-identical however the runs are chunked or sharded (tests/test_sweeps.py)."""
+    return max(2, math.ceil(chunk_runs / n_dev))
+
+
 def prepare(p: Plan, chunks, mesh, code: str | None = None) -> tuple[list, int]:
     """Each chunk's (chunk, program, hp, seeds, n), one `Program` per group, every program
     compiled; and the number of programs. With `code` (a `_code_stamp()`), programs are keyed
     for the on-disk export cache. Programs compile several at a time: XLA compiles (and loads
     cached executables) outside the GIL, so they compile side by side on the host's cores."""
     n_dev = len(mesh.devices.flat)
-    n_pad = math.ceil(p.chunk_runs / n_dev) * n_dev
+    n_pad = runs_per_device(p.chunk_runs, n_dev) * n_dev
     programs: dict[int, tuple] = {}  # group -> (program, hp, seeds of its first chunk)
     inputs = []
     for c in chunks:

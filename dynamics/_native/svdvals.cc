@@ -28,11 +28,16 @@
 
 namespace {
 
-typedef double vd __attribute__((vector_size(64)));  // 8 doubles
-typedef float vf __attribute__((vector_size(64)));   // 16 floats
-typedef int32_t vi __attribute__((vector_size(64)));
-constexpr int kF = 16;  // floats per vf
-constexpr int kD = 8;   // doubles per vd
+#if defined(__AVX512F__)
+constexpr int kBytes = 64;
+#else
+constexpr int kBytes = 32;
+#endif
+typedef double vd __attribute__((vector_size(kBytes)));
+typedef float vf __attribute__((vector_size(kBytes)));
+typedef int32_t vi __attribute__((vector_size(kBytes)));
+constexpr int kF = kBytes / 4;  // floats per vf
+constexpr int kD = kBytes / 8;  // doubles per vd
 
 inline vd load(const double* p) {
   vd v;
@@ -41,7 +46,11 @@ inline vd load(const double* p) {
 }
 inline void store(double* p, vd v) { __builtin_memcpy(p, &v, sizeof v); }
 inline double hsum(vd v) {  // a tree of sums: no long dependency chain
+#if defined(__AVX512F__)
   return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+#else
+  return (v[0] + v[2]) + (v[1] + v[3]);
+#endif
 }
 // Sum of squares of p[from..ld) (from < ld), read as whole vectors from a block boundary.
 inline double sumsq_from(const double* p, int from, int ld) {

@@ -51,16 +51,30 @@ ACTIVATIONS: dict[str, Callable] = {
 }
 
 
+class Dense(NamedTuple):
+    """What a plain MLP is, for the compiled CPU gradient (`dynamics.native.dense_loss_fn`):
+    h_0 = x (flattened), h_k = act(c_k h_{k-1} W_k^T + b_k), y = c_L h_{L-1} W_L^T + b_L, with
+    params [{"w": W_k} (and "b": b_k with bias), ...], c_k = multipliers[k - 1]."""
+
+    widths: tuple[int, ...]
+    activation: str
+    bias: bool
+    multipliers: tuple[float, ...]
+
+
 class Model(NamedTuple):
     """A network as pure functions: `init(key) -> params`, `apply(params, x, mask=None) -> y`.
 
     `apply_features(params, x, mask=None) -> (y, h)` also returns the penultimate features
     (the input of the last layer), which neural-collapse observables read; None if unknown.
+    `dense` describes a plain MLP (`Dense`), whose training gradient a compiled kernel computes
+    on the CPU; None for every other network.
     """
 
     init: Callable[[jax.Array], Params]
     apply: Callable[..., jax.Array]
     apply_features: Callable[..., tuple[jax.Array, jax.Array]] | None = None
+    dense: Dense | None = None
 
 
 # --------------------------------------------------------------------------- weights
@@ -282,8 +296,13 @@ def mlp(
             h = act(_normalize(params[i], h, mask, norm, bn_p, bn_k, eps))
         return _dense(params[-1], h, mults[-1]), h
 
+    plain = norm is None and weight_param == "plain" and activation in ("relu", "tanh", "linear")
+    dense = Dense(widths, activation, bias, tuple(mults)) if plain else None
     return Model(
-        init_fn, lambda params, x, mask=None: apply_features(params, x, mask)[0], apply_features
+        init_fn,
+        lambda params, x, mask=None: apply_features(params, x, mask)[0],
+        apply_features,
+        dense,
     )
 
 

@@ -6,7 +6,12 @@ of LAPACK's `sgesdd` through `jnp.linalg.svd`, which spends most of its time in 
 and short scalar loops at these sizes (`make bench` measures both); the results agree with a
 float64 reference to a few units in the last place (tests/test_native.py).
 
-The kernel is compiled on first use with the machine's C++ compiler (`$CXX`, else `c++`,
+`dense_grad(...)`: the loss and gradient of a plain MLP on a weighted batch in one call per
+batch of runs (source: `dynamics/_native/dense.cc`), each run computed alone with register-
+blocked products; `dense_loss_fn(model, loss)` wraps it as a loss function whose reverse-mode
+gradient is the kernel's, which the training step uses on the CPU (`RunSpec.gradient`).
+
+The kernels are compiled on first use with the machine's C++ compiler (`$CXX`, else `c++`,
 `g++` or `clang++`, with `-march=native`) against the XLA FFI headers that ship with jaxlib,
 into `$DYNAMICS_NATIVE_DIR` (default `~/.cache/dynamics/native`), keyed by the source, the
 compiler, jaxlib's version and the CPU, so each machine builds it once (a few seconds). Where
@@ -29,8 +34,9 @@ from pathlib import Path
 
 TARGET = "dynamics_svdvals"
 GRAD_PAIRS = "dynamics_grad_pairs"
-TARGETS = (TARGET, GRAD_PAIRS)
-SOURCE = Path(__file__).with_name("_native") / "svdvals.cc"
+DENSE_GRAD = "dynamics_dense_grad"
+TARGETS = (TARGET, GRAD_PAIRS, DENSE_GRAD)
+SOURCES = tuple(Path(__file__).with_name("_native") / f for f in ("svdvals.cc", "dense.cc"))
 
 _lock = threading.Lock()
 _state: dict = {"tried": False, "lib": None, "path": None, "error": None}
@@ -77,7 +83,8 @@ def _build(cxx: str, include: str, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
     os.close(fd)
-    base = [cxx, "-O3", "-std=c++17", "-shared", "-fPIC", "-I", include, str(SOURCE), "-o", tmp]
+    srcs = [str(p) for p in SOURCES]
+    base = [cxx, "-O3", "-std=c++17", "-shared", "-fPIC", "-I", include, *srcs, "-o", tmp]
     errors = []
     try:
         for extra in (["-march=native"], []):
@@ -103,7 +110,13 @@ def _load() -> None:
     key = hashlib.sha256(
         b"\0".join(
             s.encode()
-            for s in (SOURCE.read_text(), _version(cxx), jaxlib.__version__, _cpu_id(), include)
+            for s in (
+                *(p.read_text() for p in SOURCES),
+                _version(cxx),
+                jaxlib.__version__,
+                _cpu_id(),
+                include,
+            )
         )
     ).hexdigest()[:20]
     path = library_dir() / f"svdvals-{key}.so"
@@ -113,6 +126,9 @@ def _load() -> None:
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.DynamicsSvdvals), platform="cpu")
     jax.ffi.register_ffi_target(
         GRAD_PAIRS, jax.ffi.pycapsule(lib.DynamicsGradPairs), platform="cpu"
+    )
+    jax.ffi.register_ffi_target(
+        DENSE_GRAD, jax.ffi.pycapsule(lib.DynamicsDenseGrad), platform="cpu"
     )
     _state.update(lib=lib, path=str(path))
 
@@ -158,7 +174,7 @@ def svdvals(x):
         raise ValueError(f"svdvals: expected matrices (..., r, c), got shape {x.shape}")
     k = min(x.shape[-2:])
     out = jax.ShapeDtypeStruct(x.shape[:-2] + (k,), jnp.float32)
-    return jax.ffi.ffi_call(TARGET, out, vmap_method="broadcast_all")(x)
+    return _varying_like(jax.ffi.ffi_call(TARGET, out, vmap_method="broadcast_all")(x), x)
 
 
 def grad_pairs(grads, prev):
@@ -182,4 +198,158 @@ def grad_pairs(grads, prev):
         input_output_aliases={n + k: 2 + k for k in range(n)},
     )
     dots, sq, *new = call(*[jnp.asarray(g, jnp.float32) for g in grads], *prev)
-    return dots, sq, new
+    return _varying_like((dots, sq, new), (grads, prev))
+
+
+# --------------------------------------------------------------------------- dense networks
+
+DENSE_ACTIVATIONS = {"linear": 0, "relu": 1, "tanh": 2}
+DENSE_LOSSES = {"square": 0, "cross_entropy": 1}
+
+
+def dense_grad(net, loss: str, x, t, w, weights, biases=()):
+    """(loss, weight gradients, bias gradients) of the MLP `net` (a `models.Dense`) on a weighted
+    batch: x (B, d_0) inputs, t (B, C) float targets (one-hot labels for the cross-entropy),
+    w (B,) example weights, weights[k] (out, in), biases[k] (out,) when `net.bias`. The loss is
+    sum_i [w_i > 0] w_i l_i with l_i the square loss mean_j (f_ij - t_ij)^2 (loss "square") or
+    the cross-entropy -sum_j t_ij log softmax(f_i)_j ("cross_entropy"). Requires `available()`; vectorizes (vmap) into
+    one call over every run."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    n = len(weights)
+    f32 = jnp.float32
+    out = (
+        jax.ShapeDtypeStruct(jnp.shape(w)[:-1], f32),
+        *[jax.ShapeDtypeStruct(jnp.shape(W), f32) for W in weights],
+        *[jax.ShapeDtypeStruct(jnp.shape(b), f32) for b in biases],
+    )
+    call = jax.ffi.ffi_call(DENSE_GRAD, out, vmap_method="broadcast_all")
+    res = call(
+        jnp.asarray(x, f32),
+        jnp.asarray(t, f32),
+        jnp.asarray(w, f32),
+        *[jnp.asarray(W, f32) for W in weights],
+        *[jnp.asarray(b, f32) for b in biases],
+        activation=np.int32(DENSE_ACTIVATIONS[net.activation]),
+        loss=np.int32(DENSE_LOSSES[loss]),
+        bias=np.int32(bool(biases)),
+        multipliers=np.asarray(net.multipliers, np.float32),
+    )
+    return res[0], list(res[1 : 1 + n]), list(res[1 + n :])
+
+
+def _vma(x) -> frozenset:
+    """The mesh axes a value varies over inside `shard_map` (JAX keeps them on its type)."""
+    import jax
+
+    aval = jax.typeof(x)
+    axes = getattr(aval, "vma", None)
+    if axes is None:
+        axes = getattr(getattr(aval, "mat", None), "varying", None)
+    return frozenset(axes or ())
+
+
+def _varying_like(out, inputs):
+    """A custom call's results marked as varying over the mesh axes its inputs vary over (inside
+    `shard_map` with its type checks on), as computations of those inputs are."""
+    import jax
+
+    axes = frozenset()
+    for leaf in jax.tree.leaves(inputs):
+        axes |= _vma(leaf)
+    if not axes:
+        return out
+
+    def vary(x):
+        missing = tuple(sorted(axes - _vma(x)))
+        return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+    return jax.tree.map(vary, out)
+
+
+def _loss_name(loss) -> str | None:
+    from dynamics import losses
+
+    if isinstance(loss, str):
+        return loss if loss in DENSE_LOSSES else None
+    return {losses.square_loss: "square", losses.cross_entropy: "cross_entropy"}.get(loss)
+
+
+def dense_eligible(model, loss) -> bool:
+    """Whether `dense_loss_fn` computes this model's gradients: a plain MLP (`models.mlp`
+    without normalization, plain weights, ReLU / tanh / identity) and the square or
+    cross-entropy loss."""
+    net = getattr(model, "dense", None)
+    return net is not None and net.activation in DENSE_ACTIVATIONS and _loss_name(loss) is not None
+
+
+def dense_loss_fn(model, loss):
+    """`loss_fn(params, batch)` of a plain MLP whose reverse-mode gradient comes from the compiled
+    kernel on the CPU (one call per step for every run of a vmapped batch of runs; autodiff on
+    other platforms), or None where `dense_eligible` is False.
+
+    Its value is the model's loss as `train.make_loss_fn` computes it; `jax.grad` and
+    `jax.value_and_grad` of it give the kernel's loss and gradient, which agree with autodiff's
+    to float rounding (tests/test_native_dense.py). It is for training steps: it has no
+    forward-mode derivative, so observables that need one (sharpness) use the plain loss."""
+    if not dense_eligible(model, loss):
+        return None
+    import jax
+    import jax.numpy as jnp
+
+    from dynamics import losses as _losses
+
+    net, name = model.dense, _loss_name(loss)
+    loss_f = _losses.resolve(loss)
+
+    def plain(params, batch):
+        return loss_f(model.apply(params, batch.x, batch.weights > 0), batch.y, batch.weights)
+
+    def autodiff(params, batch):
+        return jax.value_and_grad(plain)(params, batch)
+
+    def kernel(params, batch):
+        leaves = jax.tree.leaves(params)
+        keys = [set(p) for p in params]
+        expected = {"w", "b"} if net.bias else {"w"}
+        if any(k != expected for k in keys) or any(a.dtype != jnp.float32 for a in leaves):
+            return autodiff(params, batch)
+        x = batch.x.reshape(batch.x.shape[0], -1)
+        c = net.widths[-1]
+        y = batch.y
+        if jnp.issubdtype(y.dtype, jnp.integer):
+            t = jax.nn.one_hot(y, c, dtype=jnp.float32)
+        else:
+            t = y.reshape(y.shape[0], c).astype(jnp.float32)
+        value, gw, gb = dense_grad(
+            net,
+            name,
+            x,
+            t,
+            batch.weights,
+            [p["w"] for p in params],
+            [p["b"] for p in params] if net.bias else (),
+        )
+        grads = [{"w": g} for g in gw]
+        for p, g in zip(grads, gb, strict=False):
+            p["b"] = g
+        return _varying_like((value, grads), (params, batch))
+
+    def value_and_grad(params, batch):
+        return jax.lax.platform_dependent(params, batch, cpu=kernel, default=autodiff)
+
+    @jax.custom_vjp
+    def loss_fn(params, batch):
+        return plain(params, batch)
+
+    def fwd(params, batch):
+        value, grads = value_and_grad(params, batch)
+        return value, grads
+
+    def bwd(grads, ct):
+        return jax.tree.map(lambda g: g * ct, grads), None
+
+    loss_fn.defvjp(fwd, bwd)
+    return loss_fn

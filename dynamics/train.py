@@ -96,6 +96,7 @@ ALIASES: dict[str, tuple[str, ...]] = {
 _EVAL_NAMES = {"loss", "accuracy", "margin_mean", "margin_std", "margin_min", *obs.NC_NAMES}
 _SPECTRAL = {"sv", "rank", "stable_rank"}
 SAMPLINGS = ("replacement", "permutation", "full")
+GRADIENTS = ("auto", "autodiff")
 
 
 def resolve_observables(names) -> tuple[str, ...]:
@@ -131,7 +132,9 @@ class RunSpec:
     order: gradient descent); eval_size: records evaluate the first eval_size training
     examples; rank_tol: tolerance of `rank`; spectrum_method: a method of
     `observables.singular_values` ("auto", "native", "svd" or "gram");
-    sharpness_iters: power iterations for `sharpness`.
+    sharpness_iters: power iterations for `sharpness`; gradient: "auto" (the training step takes
+    a plain MLP's loss gradient from the compiled CPU kernel, `native.dense_loss_fn`, where the
+    model and loss allow it and the kernel is available; autodiff otherwise) or "autodiff".
     """
 
     model: Model
@@ -148,6 +151,7 @@ class RunSpec:
     rank_tol: float = 1e-3
     spectrum_method: str = "auto"
     sharpness_iters: int = 20
+    gradient: str = "auto"
 
     def validate(self) -> None:
         """Raise ValueError naming the field if the spec cannot run."""
@@ -180,6 +184,8 @@ class RunSpec:
                 raise ValueError("observables: neural collapse needs a model with apply_features")
             if self.data.num_classes < 2:
                 raise ValueError("observables: neural collapse needs class labels")
+        if self.gradient not in GRADIENTS:
+            raise ValueError(f"gradient: must be one of {GRADIENTS}, got {self.gradient!r}")
         if self.spectrum_method not in obs.SPECTRUM_METHODS:
             raise ValueError(
                 f"spectrum_method: must be one of {obs.SPECTRUM_METHODS}, "
@@ -269,6 +275,20 @@ def make_loss_fn(model: Model, loss: str | Callable) -> Callable[[Any, Batch], j
     return loss_fn
 
 
+def train_loss_fn(spec: RunSpec) -> Callable[[Any, Batch], jax.Array]:
+    """The loss function a run's training step differentiates: `make_loss_fn`'s, or with
+    spec.gradient "auto" and a plain MLP, the same loss whose gradient is the compiled kernel's
+    on the CPU (`native.dense_loss_fn`: the step's whole forward and backward pass in one call)."""
+    plain = make_loss_fn(spec.model, spec.loss)
+    if spec.gradient != "auto":
+        return plain
+    from dynamics import native
+
+    if not native.dense_eligible(spec.model, spec.loss) or not native.available():
+        return plain
+    return native.dense_loss_fn(spec.model, spec.loss)
+
+
 class _Carry(NamedTuple):
     state: Any
     prev_grads: Any  # the last step's gradient, kept only for adjacent-gradient cosines
@@ -310,7 +330,7 @@ def make_run(spec: RunSpec) -> Callable:
     model = spec.model
     loss = _losses.resolve(spec.loss)
     loss_fn = make_loss_fn(model, loss)
-    stepper = spec.stepper(loss_fn)
+    stepper = spec.stepper(train_loss_fn(spec))
     default_data = run_data(spec)
     B = spec.static_batch
     n_train = int(spec.data.x_train.shape[0])

@@ -519,10 +519,14 @@ _EXPORT_READY: bool | None = None
 
 
 def _uses_native(spec) -> bool:
-    """Whether the spec's program may call the compiled kernels (spectra, adjacent gradients)."""
+    """Whether the spec's program may call the compiled kernels (spectra, adjacent gradients,
+    a plain MLP's training gradient)."""
+    from dynamics import native
     from dynamics.train import ALIASES, resolve_observables
 
     wanted = {"sv", "rank", "stable_rank", *ALIASES["grad_corr"]}
+    if spec.gradient == "auto" and native.dense_eligible(spec.model, spec.loss):
+        return True
     return bool(wanted & set(resolve_observables(spec.observables)))
 
 

@@ -111,6 +111,17 @@ def test_jit_vmap_and_shard_map_over_devices():
         jax.shard_map(jax.vmap(native.svdvals), mesh=mesh, in_specs=P("runs"), out_specs=P("runs"))
     )
     np.testing.assert_array_equal(sharded(a), direct)
+    # through the observable, whose platform switch needs the kernel's results typed like
+    # autodiff's inside shard_map (varying over the mesh axis)
+    spectra = jax.jit(
+        jax.shard_map(
+            jax.vmap(lambda w: obs.singular_values([{"w": w}], method="native")[0]),
+            mesh=mesh,
+            in_specs=P("runs"),
+            out_specs=P("runs"),
+        )
+    )
+    np.testing.assert_array_equal(spectra(a), direct)
 
 
 def test_singular_values_methods_agree():

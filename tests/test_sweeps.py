@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
+from dynamics import native
 from dynamics.steps import Hparams
 from dynamics.train import make_run
 from sweeps import cli, runner
@@ -123,11 +124,16 @@ def test_mask_strategy_equals_bucket(reference, tmp_path):
     masked = tmp_path / "mask.zarr"
     s = run_inprocess(masked, "batch_strategy=mask", chunk=8)
     assert s.programs == 1
-    da, db = xr.open_zarr(out), xr.open_zarr(masked)
-    for name in ("loss", "rho", "sv", "grad_cos", "grad_norm"):
-        np.testing.assert_allclose(
-            da[name].values, db[name].values, rtol=2e-5, atol=1e-6, equal_nan=True, err_msg=name
-        )
+    if native.available():
+        # the compiled MLP gradient never reads past a batch's last example of nonzero weight,
+        # so a masked batch computes what the smaller batch does, bit for bit
+        assert_same_store(out, masked)
+    else:
+        da, db = xr.open_zarr(out), xr.open_zarr(masked)
+        for name in ("loss", "rho", "sv", "grad_cos", "grad_norm"):
+            np.testing.assert_allclose(
+                da[name].values, db[name].values, rtol=2e-5, atol=1e-6, equal_nan=True, err_msg=name
+            )
 
 
 def test_resume_skips_done_chunks(tmp_path):

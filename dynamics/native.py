@@ -209,7 +209,7 @@ DENSE_LOSSES = {"square": 0, "cross_entropy": 1}
 
 def dense_grad(net, loss: str, x, t, w, weights, biases=()):
     """(loss, weight gradients, bias gradients) of the MLP `net` (a `models.Dense`) on a weighted
-    batch: x (B, d_0) inputs, t (B, C) float targets (one-hot labels for the cross-entropy),
+    batch: x (B, d_0) inputs, t (B, C) float targets or (B,) int32 class labels (one-hot),
     w (B,) example weights, weights[k] (out, in), biases[k] (out,) when `net.bias`. The loss is
     sum_i [w_i > 0] w_i l_i with l_i the square loss mean_j (f_ij - t_ij)^2 (loss "square") or
     the cross-entropy -sum_j t_ij log softmax(f_i)_j ("cross_entropy"). Requires `available()`; vectorizes (vmap) into
@@ -228,7 +228,7 @@ def dense_grad(net, loss: str, x, t, w, weights, biases=()):
     call = jax.ffi.ffi_call(DENSE_GRAD, out, vmap_method="broadcast_all")
     res = call(
         jnp.asarray(x, f32),
-        jnp.asarray(t, f32),
+        jnp.asarray(t, jnp.int32 if jnp.issubdtype(jnp.asarray(t).dtype, jnp.integer) else f32),
         jnp.asarray(w, f32),
         *[jnp.asarray(W, f32) for W in weights],
         *[jnp.asarray(b, f32) for b in biases],
@@ -320,7 +320,7 @@ def dense_loss_fn(model, loss):
         c = net.widths[-1]
         y = batch.y
         if jnp.issubdtype(y.dtype, jnp.integer):
-            t = jax.nn.one_hot(y, c, dtype=jnp.float32)
+            t = y.reshape(y.shape[0]).astype(jnp.int32)  # one-hot in the kernel
         else:
             t = y.reshape(y.shape[0], c).astype(jnp.float32)
         value, gw, gb = dense_grad(

@@ -198,3 +198,14 @@ def test_gradient_setting_is_checked():
     with pytest.raises(ValueError, match="gradient"):
         make_run(_spec(gradient="fast"))
     assert dataclasses.replace(_spec(), gradient="autodiff").gradient == "autodiff"
+
+
+def test_labels_outside_the_classes_are_all_zero_targets():
+    """Integer labels are one-hot encoded in the kernel, a label outside [0, C) as no class at
+    all, as jax.nn.one_hot does for autodiff's loss."""
+    model, params, x, _ = _case((6, 12, 4), "tanh", B=6)
+    y = jnp.asarray([0, 3, -1, 4, 2, 9], jnp.int32)
+    batch = Batch(x, y, jnp.full((6,), 1.0 / 6, jnp.float32))
+    for loss in ("square", "cross_entropy"):
+        ref = _grads(make_loss_fn(model, loss), params, batch)
+        _assert_close(_grads(native.dense_loss_fn(model, loss), params, batch), ref, rtol=2e-6)

@@ -278,10 +278,12 @@ struct Work {
   std::vector<float> xt;                // d_0 x P: the inputs, feature-major
   std::vector<std::vector<float>> h;    // h[k]: width[k] x P, k = 1..L (h[L]: the outputs f)
   std::vector<float> d, g, bm, dw;      // deltas, input gradients, a batch-major copy, a gradient
+  std::vector<float> target;            // one example's one-hot target
 };
 
 // The loss and gradients of one run. x (B, d_0), t (B, C), w (B); W[k], b[k] of layer k + 1.
-float run_one(const Net& net, int B, const float* x, const float* t, const float* w,
+float run_one(const Net& net, int B, const float* x, const float* t, const int32_t* labels,
+              const float* w,
               const float* const* W, const float* const* b, float* const* dW, float* const* db,
               Work& ws) {
   const int L = net.L;
@@ -328,10 +330,18 @@ float run_one(const Net& net, int B, const float* x, const float* t, const float
   const float* f = ws.h[L].data();
   float* d = ws.d.data();
   std::fill(d, d + static_cast<std::size_t>(C) * P, 0.0f);
+  ws.target.resize(C);
   double total = 0.0;
   for (int i = 0; i < n; ++i) {
     if (!(w[i] > 0.0f)) continue;
-    const float* ti = t + static_cast<std::ptrdiff_t>(i) * C;
+    const float* ti;
+    if (labels != nullptr) {  // one-hot; a label outside [0, C) is all zeros, as jax.nn.one_hot
+      std::fill(ws.target.begin(), ws.target.end(), 0.0f);
+      if (labels[i] >= 0 && labels[i] < C) ws.target[labels[i]] = 1.0f;
+      ti = ws.target.data();
+    } else {
+      ti = t + static_cast<std::ptrdiff_t>(i) * C;
+    }
     if (net.loss == kSquare) {
       double s = 0.0;
       const float scale = 2.0f * (w[i] / static_cast<float>(C));
@@ -410,7 +420,8 @@ float run_one(const Net& net, int B, const float* x, const float* t, const float
 
 namespace ffi = xla::ffi;
 
-// Arguments: x (runs..., B, d_0), t (runs..., B, C), w (runs..., B), then the L weights
+// Arguments: x (runs..., B, d_0), the targets t (runs..., B, C) float32 or class labels
+// (runs..., B) int32, w (runs..., B), then the L weights
 // (runs..., out, in) and, with bias, the L biases (runs..., out). Results: the loss (runs...),
 // the L weight gradients and, with bias, the L bias gradients. Attributes: activation (0
 // identity, 1 ReLU, 2 tanh), loss (0 square, 1 cross-entropy), bias (0 or 1), multipliers (L).
@@ -422,7 +433,7 @@ static ffi::Error DenseGradImpl(ffi::RemainingArgs args, ffi::RemainingRets rets
       rets.size() != static_cast<std::size_t>(1 + per * L))
     return ffi::Error::InvalidArgument("dense_grad: argument or result count");
   auto x = args.get<ffi::Buffer<ffi::F32>>(0);
-  auto t = args.get<ffi::Buffer<ffi::F32>>(1);
+  auto t = args.get<ffi::AnyBuffer>(1);
   auto w = args.get<ffi::Buffer<ffi::F32>>(2);
   auto lo = rets.get<ffi::Buffer<ffi::F32>>(0);
   if (!x.has_value() || !t.has_value() || !w.has_value() || !lo.has_value())
@@ -465,7 +476,10 @@ static ffi::Error DenseGradImpl(ffi::RemainingArgs args, ffi::RemainingRets rets
     }
   }
   const int C = net.width[L];
-  if (static_cast<int64_t>(t->element_count()) != runs * B * C ||
+  const bool labels = t->element_type() == ffi::DataType::S32;
+  if (!labels && t->element_type() != ffi::DataType::F32)
+    return ffi::Error::InvalidArgument("dense_grad: targets must be float32 or int32 labels");
+  if (static_cast<int64_t>(t->element_count()) != runs * B * (labels ? 1 : C) ||
       static_cast<int64_t>(w->element_count()) != runs * B ||
       static_cast<int64_t>(x->element_count()) != runs * B * net.width[0])
     return ffi::Error::InvalidArgument("dense_grad: shapes of x, t, w");
@@ -480,9 +494,10 @@ static ffi::Error DenseGradImpl(ffi::RemainingArgs args, ffi::RemainingRets rets
       br[k] = net.bias ? bp[k] + r * bsz[k] : nullptr;
       dbr[k] = net.bias ? dbp[k] + r * bsz[k] : nullptr;
     }
-    lossp[r] = run_one(net, B, x->typed_data() + r * B * net.width[0],
-                       t->typed_data() + r * B * C, w->typed_data() + r * B, Wr.data(),
-                       br.data(), dWr.data(), dbr.data(), ws);
+    const float* tr = labels ? nullptr : static_cast<const float*>(t->untyped_data()) + r * B * C;
+    const int32_t* yr = labels ? static_cast<const int32_t*>(t->untyped_data()) + r * B : nullptr;
+    lossp[r] = run_one(net, B, x->typed_data() + r * B * net.width[0], tr, yr,
+                       w->typed_data() + r * B, Wr.data(), br.data(), dWr.data(), dbr.data(), ws);
   }
   return ffi::Error::Success();
 }

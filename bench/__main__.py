@@ -10,10 +10,11 @@ process), on sweeps/configs/reference.py (256 runs; --scale N multiplies the see
                 evaluation passes, counted by XLA's cost analysis of one example) per second,
                 against the fp32 matmul peak measured here;
   observables   the sweep with its observables against the same sweep recording loss only;
-  strategies    bucketing runs by batch size against masking them at the largest size;
+  strategies    the batch-size strategy the runner chose against the other one (bucketing runs
+                by batch size, masking them at the largest size);
   breakdown     where the time goes: each observable group added alone to the loss-only sweep,
-                the bare training loop (no records but the first and last), and the batched
-                matmul forms of one step (forward, input gradient, weight gradient) in isolation;
+                the bare training loop (no records but the first and last), and one step's loss
+                gradient per batch size in isolation, the compiled MLP gradient against autodiff;
   compile       seconds cold (empty cache) and warm (a second process, persistent cache),
                 number of XLA compilations; peak resident memory; device and versions.
 
@@ -85,58 +86,66 @@ class MatmulPeak:
         return best
 
 
-def matmul_forms(jax, jnp, runs_per_device: int, batches, width: int = 64, iters: int = 100):
-    """Timers (name -> (timer, FLOPs per call)) of the three batched matmuls of a dense layer's
-    training step, vmapped over runs and sharded over the local devices as the runner does, in
-    a scan of `iters` iterations: forward x W^T (x: (b, w), W: (w, w)), input gradient d W and
-    weight gradient d^T x (it contracts the batch axis, which XLA's CPU backend leaves to a
-    slower kernel than the other two)."""
+def gradient_forms(spec, train_ex: float, runs_per_device: int, batches, iters: int = 50):
+    """Timers (name -> (timer, useful FLOPs per call)) of one training step's loss gradient for
+    every batch size, the compiled MLP gradient ("kernel", `native.dense_loss_fn`) against
+    autodiff of the same loss ("autodiff"), vmapped over runs and sharded over the local devices
+    as the runner does, `iters` steps in a scan. FLOPs are counted as XLA's cost model counts
+    the autodiff step (`flops_per_example`)."""
+    import jax
+    import jax.numpy as jnp
     import numpy as np
     from jax import lax
     from jax.sharding import Mesh
     from jax.sharding import PartitionSpec as P
 
+    from dynamics import native
+    from dynamics.steps import Batch
+    from dynamics.train import make_loss_fn
+
     devs = jax.local_devices()
     mesh = Mesh(np.asarray(devs), ("runs",))
     n = runs_per_device * len(devs)
-    forms = {
-        "forward": (lambda a, w: a @ w.T, lambda b: ((b, width), (width, width))),
-        "input_grad": (lambda a, w: a @ w, lambda b: ((b, width), (width, width))),
-        "weight_grad": (lambda a, d: a.T @ d, lambda b: ((b, width), (b, width))),
-    }
+    losses = {"autodiff": make_loss_fn(spec.model, spec.loss)}
+    if native.available() and native.dense_eligible(spec.model, spec.loss):
+        losses["kernel"] = native.dense_loss_fn(spec.model, spec.loss)
+    params = jax.vmap(spec.model.init)(jax.random.split(jax.random.key(0), n))
+    x_all, y_all = jnp.asarray(spec.data.x_train), jnp.asarray(spec.data.y_train)
     out = {}
     for b in batches:
-        for name, (fn, shapes) in forms.items():
-            sa, sb = shapes(b)
-            a = jax.random.normal(jax.random.key(0), (n, *sa), jnp.float32)
-            w = jax.random.normal(jax.random.key(1), (n, *sb), jnp.float32)
+        xs = jnp.stack([jnp.roll(x_all, i, axis=0)[:b] for i in range(n)])
+        ys = jnp.stack([jnp.roll(y_all, i, axis=0)[:b] for i in range(n)])
+        w = jnp.full((n, b), 1.0 / b, jnp.float32)
+        for name, loss_fn in losses.items():
+            vg = jax.value_and_grad(loss_fn)
 
-            def loop(a, w, fn=fn):
-                def body(c, _):
-                    return c + 1e-9 * jnp.sum(fn(c, w)), None
+            def loop(p, x, y, w, vg=vg):
+                def body(p, _):  # a step that depends on the last, so none is hoisted
+                    _, g = vg(p, Batch(x, y, w))
+                    return jax.tree.map(lambda a, d: a - 1e-6 * d, p, g), None
 
-                return lax.scan(body, a, None, length=iters)[0]
+                return lax.scan(body, p, None, length=iters)[0]
 
             f = jax.jit(
                 jax.shard_map(
                     jax.vmap(loop),
                     mesh=mesh,
-                    in_specs=(P("runs"), P("runs")),
+                    in_specs=P("runs"),
                     out_specs=P("runs"),
                     check_vma=False,
                 )
             )
-            jax.block_until_ready(f(a, w))
+            jax.block_until_ready(f(params, xs, ys, w))
 
-            def timer(f=f, a=a, w=w):
+            def timer(f=f, xs=xs, ys=ys, w=w):
                 best = math.inf
                 for _ in range(3):
                     t = time.perf_counter()
-                    jax.block_until_ready(f(a, w))
+                    jax.block_until_ready(f(params, xs, ys, w))
                     best = min(best, time.perf_counter() - t)
                 return best
 
-            out[(int(b), name)] = (timer, n * iters * 2 * b * width * width)
+            out[(int(b), name)] = (timer, n * iters * b * train_ex)
     return out
 
 
@@ -441,9 +450,11 @@ def main(argv=None) -> int:
 
     steps = specs[0][1].steps
     res_bare, specs_bare = variant("observables=loss", f"record_every={steps}")
+    auto = Vectorized(res, specs)
+    other = "bucket" if auto.info["strategy"] == "mask" else "mask"
     prepared = {
-        "vectorized": Vectorized(res, specs),
-        "vectorized_mask": Vectorized(*variant("batch_strategy=mask")),
+        "vectorized": auto,
+        "vectorized_other_strategy": Vectorized(*variant(f"batch_strategy={other}")),
         "vectorized_loss_only": Vectorized(*variant("observables=loss")),
         "bare_loop": Vectorized(res_bare, specs_bare),
         **{f"with {name}": Vectorized(*variant(f"observables={obs}")) for name, obs in BREAKDOWN},
@@ -452,7 +463,9 @@ def main(argv=None) -> int:
     timers: dict = {k: v.parts() for k, v in prepared.items()}
     timers["matmul_peak"] = MatmulPeak(jax, jnp)
     per_dev = max(1, prepared["vectorized"].info["chunk_runs"] // len(jax.local_devices()))
-    forms = matmul_forms(jax, jnp, per_dev, sorted(int(b) for b in res.grid["batch_size"]))
+    train_ex, fwd_ex = flops_per_example(specs[0][1])
+    batches = sorted(int(b) for b in res.grid["batch_size"])
+    forms = gradient_forms(specs[0][1], train_ex, per_dev, batches)
     timers.update({("form", *k): t for k, (t, _) in forms.items()})
     best = interleaved(timers, args.repeat)
     for k, v in prepared.items():
@@ -467,7 +480,6 @@ def main(argv=None) -> int:
     print(f"[bench] breakdown: {report['breakdown']}", flush=True)
 
     # 4. FLOP/s against the measured matmul peak (the best of its timings in the rounds)
-    train_ex, fwd_ex = flops_per_example(specs[0][1])
     flops = useful_flops(res, specs, train_ex, fwd_ex)
     n = timers["matmul_peak"].n
     peak = {"n": n, "seconds": best["matmul_peak"], "flops_per_s": 2 * n**3 / best["matmul_peak"]}
@@ -483,9 +495,9 @@ def main(argv=None) -> int:
         "fraction_of_peak_loss_only": flops / loss_s / peak["flops_per_s"],
         "fraction_of_peak_bare_loop": bare_flops / best["bare_loop"] / peak["flops_per_s"],
     }
-    report["matmul_forms_flops_per_s"] = {}
+    report["gradient_flops_per_s"] = {}
     for (b, name), (_, form_flops) in forms.items():
-        row = report["matmul_forms_flops_per_s"].setdefault(b, {})
+        row = report["gradient_flops_per_s"].setdefault(b, {})
         row[name] = form_flops / best[("form", b, name)]
     report["spectra"] = spectrum_methods(specs[0][1], per_dev)
 
@@ -522,7 +534,14 @@ def _print_table(r: dict) -> None:
             f"{r['runs']} runs, strategy {v['strategy']}, {v['programs']} programs, {v['chunks']} chunks of {v['chunk_runs']}",
         ),
         ("vectorized runs/s", f"{v['runs_per_s']:.1f}  ({v['seconds']:.2f} s)"),
-        ("masked batches runs/s", f"{r['vectorized_mask']['runs_per_s']:.1f}"),
+        (
+            f"{r['vectorized_other_strategy']['strategy']} strategy runs/s",
+            "{:.1f}  (compile {:.1f} s, {} programs)".format(
+                r["vectorized_other_strategy"]["runs_per_s"],
+                r["vectorized_other_strategy"]["compile_seconds"],
+                r["vectorized_other_strategy"]["programs"],
+            ),
+        ),
     ]
     if "loop" in r:
         rows += [
@@ -559,13 +578,13 @@ def _print_table(r: dict) -> None:
         ),
         *[
             (
-                f"matmuls, batch {b}",
+                f"loss gradient, batch {b}",
                 ", ".join(
                     f"{k} {100 * v / f['matmul_peak']['flops_per_s']:.0f}%" for k, v in row.items()
                 )
                 + " of peak",
             )
-            for b, row in r["matmul_forms_flops_per_s"].items()
+            for b, row in r["gradient_flops_per_s"].items()
         ],
         *[
             (

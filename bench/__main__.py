@@ -531,7 +531,9 @@ def _print_table(r: dict) -> None:
         ("device", f"{r['device']['count']} x {r['device']['kind']} ({r['device']['platform']})"),
         (
             "grid",
-            f"{r['runs']} runs, strategy {v['strategy']}, {v['programs']} programs, {v['chunks']} chunks of {v['chunk_runs']}",
+            f"{r['runs']} runs, strategy {v['strategy']}, {v['programs']} program"
+            + ("" if v["programs"] == 1 else "s")
+            + f", {v['chunks']} chunks of {v['chunk_runs']}",
         ),
         ("vectorized runs/s", f"{v['runs_per_s']:.1f}  ({v['seconds']:.2f} s)"),
         (

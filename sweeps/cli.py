@@ -105,7 +105,8 @@ def print_summary(res, s) -> None:
         f"sweep {res.sweep.name}: {s.runs} runs ({s.runs_now} run now{resumed}), {s.diverged} diverged"
     )
     print(
-        f"compile {s.compile_seconds:.1f} s ({s.programs} programs), run {s.run_seconds:.1f} s "
+        f"compile {s.compile_seconds:.1f} s ({s.programs} program{'' if s.programs == 1 else 's'}), "
+        f"run {s.run_seconds:.1f} s "
         f"({rate:.2f} runs/s) on {s.devices} x {s.device_kind}"
         + (f", {s.processes} processes" if s.processes > 1 else "")
     )

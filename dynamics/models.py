@@ -67,8 +67,9 @@ class Model(NamedTuple):
 
     `apply_features(params, x, mask=None) -> (y, h)` also returns the penultimate features
     (the input of the last layer), which neural-collapse observables read; None if unknown.
-    `dense` describes a plain MLP (`Dense`), whose training gradient a compiled kernel computes
-    on the CPU; None for every other network.
+    `dense` describes a plain MLP (`Dense`: no normalization, plain weights), whose training
+    gradient a compiled kernel computes on the CPU for the activations it knows
+    (`native.dense_eligible`); None for every other network.
     """
 
     init: Callable[[jax.Array], Params]
@@ -296,7 +297,7 @@ def mlp(
             h = act(_normalize(params[i], h, mask, norm, bn_p, bn_k, eps))
         return _dense(params[-1], h, mults[-1]), h
 
-    plain = norm is None and weight_param == "plain" and activation in ("relu", "tanh", "linear")
+    plain = norm is None and weight_param == "plain"
     dense = Dense(widths, activation, bias, tuple(mults)) if plain else None
     return Model(
         init_fn,

@@ -344,12 +344,8 @@ def dense_loss_fn(model, loss):
     def loss_fn(params, batch):
         return plain(params, batch)
 
-    def fwd(params, batch):
-        value, grads = value_and_grad(params, batch)
-        return value, grads
-
-    def bwd(grads, ct):
+    def bwd(grads, ct):  # the forward pass keeps the gradient as its residual
         return jax.tree.map(lambda g: g * ct, grads), None
 
-    loss_fn.defvjp(fwd, bwd)
+    loss_fn.defvjp(value_and_grad, bwd)
     return loss_fn

@@ -275,25 +275,35 @@ def make_loss_fn(model: Model, loss: str | Callable) -> Callable[[Any, Batch], j
     return loss_fn
 
 
-def train_loss_fn(spec: RunSpec) -> Callable[[Any, Batch], jax.Array]:
-    """The loss function a run's training step differentiates: `make_loss_fn`'s, or with
-    spec.gradient "auto" and a plain MLP, the same loss whose gradient is the compiled kernel's
-    on the CPU (`native.dense_loss_fn`: the step's whole forward and backward pass in one call)."""
-    plain = make_loss_fn(spec.model, spec.loss)
-    if spec.gradient != "auto":
-        return plain
+def dense_gradient(spec: RunSpec) -> bool:
+    """Whether the spec's training step differentiates `native.dense_loss_fn` (spec.gradient
+    "auto", a plain MLP and loss the kernel computes, the kernel built): its gradient is then
+    the compiled kernel's wherever the program runs on the CPU, autodiff's elsewhere."""
     from dynamics import native
 
-    if not native.dense_eligible(spec.model, spec.loss) or not native.available():
-        return plain
-    return native.dense_loss_fn(spec.model, spec.loss)
+    return (
+        spec.gradient == "auto"
+        and native.dense_eligible(spec.model, spec.loss)
+        and native.available()
+    )
 
 
-def _cpu_kernels() -> bool:
-    """Whether programs built now run on the CPU with the compiled kernels."""
+def cpu_kernels() -> bool:
+    """Whether programs built now run on the CPU, with the compiled kernels."""
     from dynamics import native
 
     return jax.local_devices()[0].platform == "cpu" and native.available()
+
+
+def train_loss_fn(spec: RunSpec) -> Callable[[Any, Batch], jax.Array]:
+    """The loss function a run's training step differentiates: `make_loss_fn`'s, or where
+    `dense_gradient(spec)`, the same loss whose gradient is the compiled kernel's on the CPU
+    (`native.dense_loss_fn`: the step's whole forward and backward pass in one call)."""
+    if dense_gradient(spec):
+        from dynamics import native
+
+        return native.dense_loss_fn(spec.model, spec.loss)
+    return make_loss_fn(spec.model, spec.loss)
 
 
 class _Carry(NamedTuple):
@@ -468,8 +478,9 @@ def make_run(spec: RunSpec) -> Callable:
     # reductions (off the CPU, or without the compiled kernels), so that the last gradient and
     # the new one alternate between two buffers instead of being copied into the carry. The CPU
     # kernel (`observables.adjacent_parts`) writes the new gradient over the last one, and there
-    # unrolling only doubles the gradients in flight: the reference grid ran 2-5% slower with it.
-    unroll = 2 if track_cos and not _cpu_kernels() else 1
+    # unrolling only doubles the gradients in flight: the reference grid with every observable
+    # ran 0.4-4.5% slower with it (three A/B runs), its batch-128 runs 5-6%.
+    unroll = 2 if track_cos and not cpu_kernels() else 1
 
     def run(hp, key, data: RunData | None = None):
         data = default_data if data is None else data

@@ -164,26 +164,17 @@ def choose_strategy(res: Resolved, specs) -> str:
     trains the model (`dynamics.native.dense_loss_fn`, on the CPU): it never reads past a batch's
     last example of nonzero weight, so a masked run costs about what its true batch size does
     (the reference grid: within a few percent of bucketing at run time) while the sweep compiles
-    one program instead of one per batch size (4x less compile time there). So "auto" masks
+    one program instead of one per batch size (cold compile 3-4x shorter there). So "auto" masks
     with one batch size, full-batch sampling or that kernel, and buckets otherwise."""
     if res.batch_strategy != "auto":
         return res.batch_strategy
     if len(res.grid["batch_size"]) == 1 or specs[0][1].sampling == "full":
         return "mask"
-    if all(_kernel_gradient(spec) for _, spec in specs):
+    from dynamics.train import cpu_kernels, dense_gradient
+
+    if cpu_kernels() and all(dense_gradient(spec) for _, spec in specs):
         return "mask"
     return "bucket"
-
-
-def _kernel_gradient(spec) -> bool:
-    """Whether the spec's runs train with the compiled MLP gradient on this machine."""
-    import jax
-
-    from dynamics import native
-
-    if spec.gradient != "auto" or jax.local_devices()[0].platform != "cpu":
-        return False
-    return native.dense_eligible(spec.model, spec.loss) and native.available()
 
 
 def activation_floats(spec) -> int:
@@ -542,11 +533,10 @@ _EXPORT_READY: bool | None = None
 def _uses_native(spec) -> bool:
     """Whether the spec's program may call the compiled kernels (spectra, adjacent gradients,
     a plain MLP's training gradient)."""
-    from dynamics import native
-    from dynamics.train import ALIASES, resolve_observables
+    from dynamics.train import ALIASES, dense_gradient, resolve_observables
 
     wanted = {"sv", "rank", "stable_rank", *ALIASES["grad_corr"]}
-    if spec.gradient == "auto" and native.dense_eligible(spec.model, spec.loss):
+    if dense_gradient(spec):
         return True
     return bool(wanted & set(resolve_observables(spec.observables)))
 
@@ -692,7 +682,7 @@ def slot_order(n_pad: int, n_dev: int) -> np.ndarray:
     return (s % per) * n_dev + s // per
 
 
-def chunk_inputs(p: Plan, chunk: Chunk, n_pad: int, n_dev: int = 1):
+def chunk_inputs(p: Plan, chunk: Chunk, n_pad: int, n_dev: int):
     """Hparams and seeds of a chunk's runs, in C order over its region, padded to n_pad and
     placed in `slot_order`."""
     import jax.numpy as jnp
@@ -724,9 +714,7 @@ def _region_shape(region: tuple[slice, ...]) -> tuple[int, ...]:
     return tuple(s.stop - s.start for s in region)
 
 
-def chunk_values(
-    p: Plan, chunk: Chunk, trace: dict, n: int, n_dev: int = 1
-) -> dict[str, np.ndarray]:
+def chunk_values(p: Plan, chunk: Chunk, trace: dict, n: int, n_dev: int) -> dict[str, np.ndarray]:
     """Device results of a chunk (in `slot_order`), reshaped to its region and padded to the
     store's layer/sv."""
     shape = _region_shape(chunk.region)

@@ -3,8 +3,6 @@ bit-exact under masking and vectorization, and where it is used (RunSpec.gradien
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,7 +13,7 @@ from jax.sharding import PartitionSpec as P
 import dynamics as dyn
 from dynamics import native
 from dynamics.steps import Batch, Hparams
-from dynamics.train import make_loss_fn, make_run, train_loss_fn
+from dynamics.train import GRADIENTS, dense_gradient, make_loss_fn, make_run, train_loss_fn
 
 pytestmark = pytest.mark.skipif(
     not native.available(), reason=f"native kernel unavailable: {native.status()['error']}"
@@ -177,7 +175,6 @@ def test_runs_with_the_kernel_follow_autodiff():
     ref = jax.jit(make_run(_spec(gradient="autodiff")))(hp, jax.random.key(0))
     for name in ("loss", "grad_norm", "grad_cos"):
         np.testing.assert_allclose(auto[name], ref[name], rtol=1e-4, atol=1e-6, err_msg=name)
-    assert train_loss_fn(_spec()) is not make_loss_fn  # a distinct, kernel-backed function
     jaxpr = str(
         jax.make_jaxpr(jax.grad(train_loss_fn(_spec())))(
             _spec().model.init(jax.random.key(0)),
@@ -197,7 +194,12 @@ def test_runs_with_the_kernel_follow_autodiff():
 def test_gradient_setting_is_checked():
     with pytest.raises(ValueError, match="gradient"):
         make_run(_spec(gradient="fast"))
-    assert dataclasses.replace(_spec(), gradient="autodiff").gradient == "autodiff"
+    for gradient in GRADIENTS:
+        _spec(gradient=gradient).validate()
+    # the model describes itself whatever its activation; the kernel takes only those it knows
+    assert dyn.mlp((4, 8, 2), activation="gelu").dense.activation == "gelu"
+    assert dense_gradient(_spec()) and not dense_gradient(_spec(gradient="autodiff"))
+    assert not dense_gradient(_spec(model=dyn.mlp((8, 16, 16, 3), activation="gelu")))
 
 
 def test_labels_outside_the_classes_are_all_zero_targets():

@@ -3,6 +3,7 @@ resumes; divergence stays local; bad input exits 2 before anything is compiled o
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import socket
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
+import dynamics as dyn
 from dynamics import native
 from dynamics.steps import Hparams
 from dynamics.train import make_run
@@ -147,10 +149,6 @@ def test_auto_strategy_masks_only_what_the_kernel_trains():
     res = resolve(load_sweep(TINY))
     specs = build_specs(res)
     assert runner.choose_strategy(res, specs) == ("mask" if native.available() else "bucket")
-    import dataclasses
-
-    import dynamics as dyn
-
     bn = [
         (pt, dataclasses.replace(sp, model=dyn.mlp((8, 8, 8, 3), norm="batch"))) for pt, sp in specs
     ]

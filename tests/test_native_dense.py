@@ -211,3 +211,112 @@ def test_labels_outside_the_classes_are_all_zero_targets():
     for loss in ("square", "cross_entropy"):
         ref = _grads(make_loss_fn(model, loss), params, batch)
         _assert_close(_grads(native.dense_loss_fn(model, loss), params, batch), ref, rtol=2e-6)
+
+
+@pytest.mark.parametrize("widths,activation,bias,par,loss,B,floats", CASES[::2])
+def test_adjacent_gradient_parts_come_with_the_gradient(
+    widths, activation, bias, par, loss, B, floats
+):
+    """dense_pairs_fn: the same loss and gradient as dense_loss_fn, and per layer <last, g> and
+    ||g||^2 bit for bit as the separate pass (observables.adjacent_parts) takes them, vmapped over
+    runs and carried through a scan that keeps the gradient (buffers aliased); a run whose batch
+    has no weight has a zero gradient and zero parts."""
+    model, params, x, y = _case(widths, activation, bias, par, B, floats)
+    runs, T = 3, 4
+    w = np.full((runs, B), 1.0 / B, np.float32)
+    w[2] = 0.0
+    w = jnp.asarray(w)
+    # a different input batch at every step, so the gradients change
+    xs = jnp.asarray(RNG.standard_normal((T, runs) + x.shape), jnp.float32)
+    pairs = native.dense_pairs_fn(model, loss)
+    plain = native.dense_loss_fn(model, loss)
+
+    def step(fused, last, xt):
+        def one(last, xr, wr):
+            batch = Batch(xr, y, wr)
+            if fused:
+                value, g, dots, sq = pairs(params, batch, last)
+                return g, (value, g, dots, sq)
+            value, g = jax.value_and_grad(plain)(params, batch)
+            dots, sq, g = dyn.observables.adjacent_parts(last, g)
+            return g, (value, g, dots, sq)
+
+        return jax.vmap(one)(last, xt, w)
+
+    last0 = jax.tree.map(lambda p: jnp.zeros((runs,) + p.shape, p.dtype), params)
+    got, ref = (
+        jax.jit(lambda xs, f=f: jax.lax.scan(lambda c, xt: step(f, c, xt), last0, xs)[1])(xs)
+        for f in (True, False)
+    )
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref), strict=True):
+        np.testing.assert_array_equal(a, b)
+    value, grads, dots, sq = got
+    L = len(widths) - 1
+    assert dots.shape == sq.shape == (T, runs, L)
+    assert np.all(np.asarray(sq[:, :2]) > 0) and np.all(np.asarray(dots[1:, :2]) != 0)
+    np.testing.assert_array_equal(dots[0], 0.0)  # against the zero gradient before the first step
+    np.testing.assert_array_equal(sq[:, 2], 0.0)
+    for g in jax.tree.leaves(grads):
+        np.testing.assert_array_equal(g[:, 2], 0.0)
+    # the parts are what they say, in float64
+    g_prev, g_now = (
+        jax.tree.map(lambda g: np.asarray(g[1], np.float64), grads),
+        jax.tree.map(lambda g: np.asarray(g[2], np.float64), grads),
+    )
+    want_dots = [
+        sum(
+            np.sum(a * b, axis=tuple(range(1, a.ndim)))
+            for a, b in zip(lp.values(), ln.values(), strict=True)
+        )
+        for lp, ln in zip(g_prev, g_now, strict=True)
+    ]
+    np.testing.assert_allclose(np.asarray(dots[2]).T, want_dots, rtol=1e-4, atol=1e-9)
+    assert (
+        jax.jit(lambda p, b, l: pairs(p, b, l))
+        .lower(params, Batch(x, y, w[0]), jax.tree.map(jnp.zeros_like, params))
+        .as_text()
+        .count(native.DENSE_GRAD)
+        == 1
+    )
+
+
+def _heavy_ball(loss_fn):
+    return dyn.sgd(loss_fn, momentum="heavy_ball")
+
+
+def _heavy_ball_alone(loss_fn):
+    """The same stepper without its update_fn: a step_fn that is not the factory's."""
+    s = _heavy_ball(loss_fn)
+    return dyn.steps.Stepper(s.init_fn, lambda *a: s.step_fn(*a))
+
+
+def test_runs_with_the_fused_adjacent_gradients_are_bit_identical():
+    """make_run takes the adjacent-gradient parts from the gradient's own kernel call when the
+    stepper has an update_fn, and from a pass of their own when it has not: the same traces bit
+    for bit (batch sizes masked, momentum, a bias with widths off the vector width)."""
+    data = dyn.data.gaussian_mixture(seed=0, n_train=64, n_test=0, d=5, num_classes=3)
+    hp = dyn.hparams(
+        lr=[0.1, 0.05, 0.2],
+        batch_size=[8, 3, 5],
+        weight_decay=[0.0, 1e-3, 1e-2],
+        momentum=[0.9, 0.0, 0.5],
+    )
+    keys = jax.random.split(jax.random.key(3), 3)
+    assert _heavy_ball(None).update_fn is not None and _heavy_ball_alone(None).update_fn is None
+    for model in (dyn.mlp((5, 16, 16, 3)), dyn.mlp((5, 9, 3), bias=True, activation="tanh")):
+        traces, texts = [], []
+        for stepper in (_heavy_ball, _heavy_ball_alone):
+            spec = _spec(
+                model=model,
+                data=data,
+                stepper=stepper,
+                observables=("loss", "grad_norm", "grad_corr", "layer_norm"),
+            )
+            run = jax.jit(jax.vmap(make_run(spec)))
+            traces.append(jax.device_get(run(hp, keys)))
+            texts.append(run.lower(hp, keys).as_text())
+        assert native.GRAD_PAIRS not in texts[0] and native.GRAD_PAIRS in texts[1]
+        assert set(traces[0]) == set(traces[1])
+        for name in traces[0]:
+            np.testing.assert_array_equal(traces[0][name], traces[1][name], err_msg=name)
+        assert np.all(np.isfinite(traces[0]["grad_cos"][:, 1:]))  # step 0 has no pair

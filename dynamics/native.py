@@ -37,7 +37,6 @@ GRAD_PAIRS = "dynamics_grad_pairs"
 DENSE_GRAD = "dynamics_dense_grad"
 TARGETS = (TARGET, GRAD_PAIRS, DENSE_GRAD)
 SOURCES = tuple(Path(__file__).with_name("_native") / f for f in ("svdvals.cc", "dense.cc"))
-HEADERS = (Path(__file__).with_name("_native") / "pairs.h",)
 
 _lock = threading.Lock()
 _state: dict = {"tried": False, "lib": None, "path": None, "error": None}
@@ -112,7 +111,7 @@ def _load() -> None:
         b"\0".join(
             s.encode()
             for s in (
-                *(p.read_text() for p in SOURCES + HEADERS),
+                *(p.read_text() for p in SOURCES),
                 _version(cxx),
                 jaxlib.__version__,
                 _cpu_id(),
@@ -208,59 +207,37 @@ DENSE_ACTIVATIONS = {"linear": 0, "relu": 1, "tanh": 2}
 DENSE_LOSSES = {"square": 0, "cross_entropy": 1}
 
 
-def dense_grad(net, loss: str, x, t, w, weights, biases=(), last=None):
+def dense_grad(net, loss: str, x, t, w, weights, biases=()):
     """(loss, weight gradients, bias gradients) of the MLP `net` (a `models.Dense`) on a weighted
     batch: x (B, d_0) inputs, t (B, C) float targets or (B,) int32 class labels (one-hot),
     w (B,) example weights, weights[k] (out, in), biases[k] (out,) when `net.bias`. The loss is
     sum_i [w_i > 0] w_i l_i with l_i the square loss mean_j (f_ij - t_ij)^2 (loss "square") or
-    the cross-entropy -sum_j t_ij log softmax(f_i)_j ("cross_entropy").
-
-    last: the last step's (weight gradients, bias gradients), or None. When given, the result
-    gains (dots, squares) (shape (L,)): per layer <last_k, g_k> and ||g_k||^2 over the layer's
-    weights and bias, as `grad_pairs` gives them bit for bit, and the new gradients are written
-    over `last`'s buffers (an adjacent-gradient step costs no pass of its own).
-    Requires `available()`; vectorizes (vmap) into one call over every run."""
+    the cross-entropy -sum_j t_ij log softmax(f_i)_j ("cross_entropy"). Requires `available()`; vectorizes (vmap) into
+    one call over every run."""
     import jax
     import jax.numpy as jnp
     import numpy as np
 
     n = len(weights)
     f32 = jnp.float32
-    out = [
+    out = (
         jax.ShapeDtypeStruct(jnp.shape(w)[:-1], f32),
         *[jax.ShapeDtypeStruct(jnp.shape(W), f32) for W in weights],
         *[jax.ShapeDtypeStruct(jnp.shape(b), f32) for b in biases],
-    ]
-    args = [
+    )
+    call = jax.ffi.ffi_call(DENSE_GRAD, out, vmap_method="broadcast_all")
+    res = call(
         jnp.asarray(x, f32),
         jnp.asarray(t, jnp.int32 if jnp.issubdtype(jnp.asarray(t).dtype, jnp.integer) else f32),
         jnp.asarray(w, f32),
         *[jnp.asarray(W, f32) for W in weights],
         *[jnp.asarray(b, f32) for b in biases],
-    ]
-    aliases = {}
-    if last is not None:
-        last_w, last_b = last
-        if len(last_w) != n or len(last_b) != len(biases):
-            raise ValueError("dense_grad: last must hold a gradient for every weight and bias")
-        for j, g in enumerate([*last_w, *last_b]):
-            aliases[len(args)] = 1 + j
-            args.append(jnp.asarray(g, f32))
-        out += [jax.ShapeDtypeStruct(jnp.shape(w)[:-1] + (n,), f32)] * 2
-    call = jax.ffi.ffi_call(
-        DENSE_GRAD, tuple(out), vmap_method="broadcast_all", input_output_aliases=aliases
-    )
-    res = call(
-        *args,
         activation=np.int32(DENSE_ACTIVATIONS[net.activation]),
         loss=np.int32(DENSE_LOSSES[loss]),
         bias=np.int32(bool(biases)),
-        pairs=np.int32(last is not None),
         multipliers=np.asarray(net.multipliers, np.float32),
     )
-    m = 1 + n + len(biases)
-    value, gw, gb = res[0], list(res[1 : 1 + n]), list(res[1 + n : m])
-    return (value, gw, gb) if last is None else (value, gw, gb, res[m], res[m + 1])
+    return res[0], list(res[1 : 1 + n]), list(res[1 + n :])
 
 
 def _vma(x) -> frozenset:
@@ -308,11 +285,17 @@ def dense_eligible(model, loss) -> bool:
     return net is not None and net.activation in DENSE_ACTIVATIONS and _loss_name(loss) is not None
 
 
-def _dense_call(model, loss):
-    """(plain, autodiff, kernel) of `dense_loss_fn` and `dense_pairs_fn`: the model's loss, its
-    value and gradient by autodiff, and by the compiled kernel (`kernel(params, batch, last)`
-    with `last` the last step's gradient or None; autodiff when the parameters are not plain
-    float32 weights (and biases))."""
+def dense_loss_fn(model, loss):
+    """`loss_fn(params, batch)` of a plain MLP whose reverse-mode gradient comes from the compiled
+    kernel on the CPU (one call per step for every run of a vmapped batch of runs; autodiff on
+    other platforms), or None where `dense_eligible` is False.
+
+    Its value is the model's loss as `train.make_loss_fn` computes it; `jax.grad` and
+    `jax.value_and_grad` of it give the kernel's loss and gradient, which agree with autodiff's
+    to float rounding (tests/test_native_dense.py). It is for training steps: it has no
+    forward-mode derivative, so observables that need one (sharpness) use the plain loss."""
+    if not dense_eligible(model, loss):
+        return None
     import jax
     import jax.numpy as jnp
 
@@ -327,12 +310,12 @@ def _dense_call(model, loss):
     def autodiff(params, batch):
         return jax.value_and_grad(plain)(params, batch)
 
-    def kernel(params, batch, last):
+    def kernel(params, batch):
         leaves = jax.tree.leaves(params)
         keys = [set(p) for p in params]
         expected = {"w", "b"} if net.bias else {"w"}
         if any(k != expected for k in keys) or any(a.dtype != jnp.float32 for a in leaves):
-            return None
+            return autodiff(params, batch)
         x = batch.x.reshape(batch.x.shape[0], -1)
         c = net.widths[-1]
         y = batch.y
@@ -340,44 +323,22 @@ def _dense_call(model, loss):
             t = y.reshape(y.shape[0]).astype(jnp.int32)  # one-hot in the kernel
         else:
             t = y.reshape(y.shape[0], c).astype(jnp.float32)
-        split = lambda tree: (
-            [p["w"] for p in tree],
-            [p["b"] for p in tree] if net.bias else [],
-        )
-        weights, biases = split(params)
-        value, gw, gb, *pair = dense_grad(
-            net, name, x, t, batch.weights, weights, biases, None if last is None else split(last)
+        value, gw, gb = dense_grad(
+            net,
+            name,
+            x,
+            t,
+            batch.weights,
+            [p["w"] for p in params],
+            [p["b"] for p in params] if net.bias else (),
         )
         grads = [{"w": g} for g in gw]
         for p, g in zip(grads, gb, strict=False):
             p["b"] = g
-        inputs = (params, batch) if last is None else (params, batch, last)
-        return _varying_like((value, grads, *pair), inputs)
-
-    return plain, autodiff, kernel
-
-
-def dense_loss_fn(model, loss):
-    """`loss_fn(params, batch)` of a plain MLP whose reverse-mode gradient comes from the compiled
-    kernel on the CPU (one call per step for every run of a vmapped batch of runs; autodiff on
-    other platforms), or None where `dense_eligible` is False.
-
-    Its value is the model's loss as `train.make_loss_fn` computes it; `jax.grad` and
-    `jax.value_and_grad` of it give the kernel's loss and gradient, which agree with autodiff's
-    to float rounding (tests/test_native_dense.py). It is for training steps: it has no
-    forward-mode derivative, so observables that need one (sharpness) use the plain loss."""
-    if not dense_eligible(model, loss):
-        return None
-    import jax
-
-    plain, autodiff, kernel = _dense_call(model, loss)
-
-    def cpu(params, batch):
-        out = kernel(params, batch, None)
-        return autodiff(params, batch) if out is None else out
+        return _varying_like((value, grads), (params, batch))
 
     def value_and_grad(params, batch):
-        return jax.lax.platform_dependent(params, batch, cpu=cpu, default=autodiff)
+        return jax.lax.platform_dependent(params, batch, cpu=kernel, default=autodiff)
 
     @jax.custom_vjp
     def loss_fn(params, batch):
@@ -388,33 +349,3 @@ def dense_loss_fn(model, loss):
 
     loss_fn.defvjp(value_and_grad, bwd)
     return loss_fn
-
-
-def dense_pairs_fn(model, loss):
-    """`fn(params, batch, last) -> (loss, grads, dots, squares)` of a plain MLP, or None where
-    `dense_eligible` is False: the loss and gradient of `dense_loss_fn`, with per layer
-    <last_k, g_k> and ||g_k||^2 (L,) against the last step's gradient `last`, as
-    `observables.adjacent_parts` gives them (bit for bit on the CPU). On the CPU the kernel
-    takes them while it writes the gradient, over `last`'s buffers; elsewhere autodiff and XLA's
-    reductions."""
-    if not dense_eligible(model, loss):
-        return None
-    import jax
-
-    from dynamics import observables as obs
-
-    _, autodiff, kernel = _dense_call(model, loss)
-
-    def default(params, batch, last):
-        value, grads = autodiff(params, batch)
-        dots, sq, grads = obs.adjacent_parts(last, grads)
-        return value, grads, dots, sq
-
-    def cpu(params, batch, last):
-        out = kernel(params, batch, last)
-        return default(params, batch, last) if out is None else out
-
-    def fn(params, batch, last):
-        return jax.lax.platform_dependent(params, batch, last, cpu=cpu, default=default)
-
-    return fn

@@ -2,7 +2,6 @@
 
     state = init_fn(params)
     state, info = step_fn(state, batch, hp)
-    state = stepper.update_fn(state, grads, hp)    (first-order steppers; None otherwise)
 
 `step_fn` is pure, never samples data (the batch is given) and returns in `info.grads` the
 gradient of the loss it used, without the weight-decay term, evaluated at the parameters before
@@ -52,9 +51,6 @@ class Batch(NamedTuple):
     weights: jax.Array
 
 
-LossFn = Callable[[Any, Batch], jax.Array]
-
-
 class StepInfo(NamedTuple):
     """What a step reports: the batch loss and the gradient it used, both at the old params."""
 
@@ -73,39 +69,11 @@ class FlowState(NamedTuple):
 
 
 class Stepper(NamedTuple):
-    """`state = init_fn(params)`; `state, info = step_fn(state, batch, hp)`.
-
-    `update_fn` (a property, None unless the factory provides one): for steppers whose step is
-    "the loss gradient g at the current parameters, then an update from g" (`sgd`, `adam`,
-    `optax_stepper`, `normalized_gd`), `state = update_fn(state, g, hp)` is that update, and
-    `step_fn` is `jax.value_and_grad(loss_fn)` followed by it. A caller that computes g itself
-    (the run loop, when one compiled kernel gives the gradient and its adjacent-gradient
-    statistics) steps with it; steppers that evaluate the loss elsewhere (gradient flow) have
-    none.
-    """
-
     init_fn: Callable[[Any], Any]
     step_fn: Callable[[Any, Batch, Hparams], tuple[Any, StepInfo]]
 
-    @property
-    def update_fn(self) -> Callable[[Any, Any, Hparams], Any] | None:
-        return getattr(self.step_fn, "update_fn", None)
 
-
-def gradient_stepper(
-    init_fn: Callable[[Any], Any],
-    loss_fn: LossFn,
-    update_fn: Callable[[Any, Any, Hparams], Any],
-) -> Stepper:
-    """The `Stepper` whose step is `update_fn(state, g, hp)` with g = grad loss_fn(params) on
-    the batch (its `update_fn` is the given one)."""
-
-    def step_fn(state, batch, hp):
-        loss, grads = jax.value_and_grad(loss_fn)(state.params, batch)
-        return update_fn(state, grads, hp), StepInfo(loss, grads)
-
-    step_fn.update_fn = update_fn
-    return Stepper(init_fn, step_fn)
+LossFn = Callable[[Any, Batch], jax.Array]
 
 
 def optax_stepper(
@@ -120,11 +88,14 @@ def optax_stepper(
     def init_fn(params):
         return TrainState(params, make_tx(Hparams()).init(params))
 
-    def update_fn(state, grads, hp):
+    def step_fn(state, batch, hp):
+        loss, grads = jax.value_and_grad(loss_fn)(state.params, batch)
         updates, opt_state = make_tx(hp).update(grads, state.opt_state, state.params)
-        return TrainState(optax.apply_updates(state.params, updates), opt_state)
+        return TrainState(optax.apply_updates(state.params, updates), opt_state), StepInfo(
+            loss, grads
+        )
 
-    return gradient_stepper(init_fn, loss_fn, update_fn)
+    return Stepper(init_fn, step_fn)
 
 
 MOMENTA = (None, "heavy_ball", "nesterov")
@@ -256,12 +227,13 @@ def normalized_gd(loss_fn: LossFn) -> Stepper:
     def init_fn(params):
         return TrainState(params, ())
 
-    def update_fn(state, grads, hp):
+    def step_fn(state, batch, hp):
+        loss, grads = jax.value_and_grad(loss_fn)(state.params, batch)
         d = _normalized_direction(state.params, grads, hp.weight_decay)
         params = jax.tree.map(lambda w, u: w - hp.lr * u, state.params, d)
-        return TrainState(_renormalize(params), ())
+        return TrainState(_renormalize(params), ()), StepInfo(loss, grads)
 
-    return gradient_stepper(init_fn, loss_fn, update_fn)
+    return Stepper(init_fn, step_fn)
 
 
 # --------------------------------------------------------------------------- gradient flow

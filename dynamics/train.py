@@ -34,7 +34,7 @@ from dynamics import losses as _losses
 from dynamics import observables as obs
 from dynamics import steps as _steps
 from dynamics.models import Model, layer_weights, scale_weights
-from dynamics.steps import Batch, Hparams, StepInfo, Stepper
+from dynamics.steps import Batch, Hparams, Stepper
 
 # --------------------------------------------------------------------------- observables registry
 
@@ -367,16 +367,6 @@ def make_run(spec: RunSpec) -> Callable:
     n_layers = len(params_shape)
     sv_pad = obs.max_singular_values(params_shape) if want & _SPECTRAL else 0
 
-    # One compiled call per step gives the loss, the gradient and its adjacent-gradient parts
-    # (per layer <g_{t-1}, g_t> and ||g_t||^2), written over the last gradient's buffers, where
-    # the gradient is the dense kernel's on the CPU and the stepper takes a given gradient
-    # (`Stepper.update_fn`); elsewhere the step's gradient is compared in a pass of its own.
-    pairs_fn = None
-    if track_cos and stepper.update_fn is not None and cpu_kernels() and dense_gradient(spec):
-        from dynamics import native
-
-        pairs_fn = native.dense_pairs_fn(model, spec.loss)
-
     # ------------------------------------------------------------------ batches
 
     def sample(key, hp, data: RunData) -> Batch:
@@ -507,12 +497,7 @@ def make_run(spec: RunSpec) -> Callable:
 
         def step(c: _Carry, t):
             batch = sample(jax.random.fold_in(k_data, t), hp, data)
-            if pairs_fn is not None:
-                value, grads, dots, grad_sq = pairs_fn(c.state.params, batch, c.prev_grads)
-                new_state, info = stepper.update_fn(c.state, grads, hp), StepInfo(value, grads)
-                prev = grads
-            else:
-                new_state, info = stepper.step_fn(c.state, batch, hp)
+            new_state, info = stepper.step_fn(c.state, batch, hp)
             # Divergence is read off the loss each step; the parameters are checked once per
             # record interval (see `check_params`), which pins the same step: non-finite
             # parameters give a non-finite loss at the next step. The freeze is then a select
@@ -528,9 +513,7 @@ def make_run(spec: RunSpec) -> Callable:
                 acc["loss"] = acc["loss"] + jnp.where(live, info.loss, 0.0)
             # Per-step statistics cost a few passes over the gradient: its per-layer squared
             # norms (kept for the next step's cosine) and its inner products with the last one.
-            if pairs_fn is not None:  # the kernel took them with the gradient
-                pass
-            elif track_cos:  # every step's norms enter the cosines, with its dot with the last
+            if track_cos:  # every step's norms enter the cosines, with its dot with the last
                 dots, grad_sq, prev = obs.adjacent_parts(c.prev_grads, info.grads)
             elif track_grad:  # only the record interval's last step is read
                 grad_sq = jax.lax.cond(

@@ -274,35 +274,6 @@ def test_optax_stepper_matches_sgd():
     assert _dist(ours, theirs) < 1e-6
 
 
-@pytest.mark.parametrize(
-    "make",
-    [
-        lambda f: steps.sgd(f, momentum="nesterov", weight_decay="decoupled"),
-        lambda f: steps.adam(f, weight_decay="l2"),
-        lambda f: steps.optax_stepper(f, lambda h: optax.sgd(h.lr, momentum=h.momentum)),
-    ],
-    ids=["sgd", "adam", "optax"],
-)
-def test_update_fn_is_the_step_given_its_gradient(make):
-    """Stepper.update_fn(state, g, hp) with g the loss gradient at the state's parameters is the
-    step, bit for bit (the run loop steps with it when it computes g itself)."""
-    stepper = make(_toy_loss)
-    assert stepper.update_fn is not None
-    hp = _hp(0.05, 1e-2, 0.9)
-    state = stepper.init_fn([{"w": w} for w in _TOY_W])
-
-    def both(state, _):
-        new, info = stepper.step_fn(state, _TOY_BATCH, hp)
-        g = jax.grad(_toy_loss)(state.params, _TOY_BATCH)
-        return new, (new, stepper.update_fn(state, g, hp), info.grads, g)
-
-    _, (a, b, ga, gb) = jax.jit(lambda s: jax.lax.scan(both, s, None, length=3))(state)
-    for x, y in zip(jax.tree.leaves((a, ga)), jax.tree.leaves((b, gb)), strict=True):
-        np.testing.assert_array_equal(x, y)
-    assert steps.gradient_flow(_toy_loss).update_fn is None
-    assert steps.Stepper(stepper.init_fn, jax.jit(lambda *a: stepper.step_fn(*a))).update_fn is None
-
-
 # --------------------------------------------------------------------------- normalized dynamics
 
 

@@ -29,7 +29,6 @@
 #include <cstring>
 #include <vector>
 
-#include "pairs.h"
 #include "xla/ffi/api/ffi.h"
 
 #if defined(__FMA__) || defined(__AVX512F__)
@@ -278,42 +277,15 @@ struct Net {
 struct Work {
   std::vector<float> xt;                // d_0 x P: the inputs, feature-major
   std::vector<std::vector<float>> h;    // h[k]: width[k] x P, k = 1..L (h[L]: the outputs f)
-  std::vector<float> d, g, bm, dw, db;  // deltas, input gradients, a batch-major copy, gradients
+  std::vector<float> d, g, bm, dw;      // deltas, input gradients, a batch-major copy, a gradient
   std::vector<float> target;            // one example's one-hot target
 };
-
-// Adjacent gradients (when the caller passes the last step's gradient): layer k's gradient g,
-// computed into a scratch buffer, is written over the last one p (pW[k], pb[k]; the caller
-// aliases them to dW[k], db[k]) in one pass that also takes <p, g> and |g|^2, as
-// `dynamics_pairs::dot_sq_copy` (so bit for bit as the separate adjacent-gradient kernel): per
-// leaf, rounded to float, then summed over the layer's leaves (bias first) in float.
-struct Pairs {
-  const float* const* pW = nullptr;  // null: no adjacent gradients
-  const float* const* pb = nullptr;
-  float* dot = nullptr;  // L per run
-  float* sq = nullptr;
-};
-
-// g (n floats, contiguous) over p into out, and the leaf's dot and square into the layer's
-// (added to the bias leaf's, which came first, when `add`).
-void store_pair(const float* g, const float* p, float* out, int64_t n, float* dot, float* sq,
-                bool add) {
-  float d, s;
-  dynamics_pairs::dot_sq_copy(g, p, out, n, &d, &s);
-  if (add) {
-    *dot = *dot + d;
-    *sq = *sq + s;
-  } else {
-    *dot = d;
-    *sq = s;
-  }
-}
 
 // The loss and gradients of one run. x (B, d_0), t (B, C), w (B); W[k], b[k] of layer k + 1.
 float run_one(const Net& net, int B, const float* x, const float* t, const int32_t* labels,
               const float* w,
               const float* const* W, const float* const* b, float* const* dW, float* const* db,
-              const Pairs& pairs, Work& ws) {
+              Work& ws) {
   const int L = net.L;
   const int* width = net.width.data();
   int n = 0;  // examples up to the last one of nonzero weight: the rest are never read
@@ -321,17 +293,8 @@ float run_one(const Net& net, int B, const float* x, const float* t, const int32
     if (w[i] > 0.0f) n = i + 1;
   if (n == 0) {
     for (int k = 0; k < L; ++k) {
-      const std::size_t size = static_cast<std::size_t>(width[k + 1]) * width[k];
-      if (pairs.pW == nullptr) {
-        std::fill(dW[k], dW[k] + size, 0.0f);
-        if (net.bias) std::fill(db[k], db[k] + width[k + 1], 0.0f);
-        continue;
-      }
-      ws.dw.assign(std::max(size, static_cast<std::size_t>(width[k + 1])), 0.0f);
-      if (net.bias)
-        store_pair(ws.dw.data(), pairs.pb[k], db[k], width[k + 1], pairs.dot + k, pairs.sq + k,
-                   false);
-      store_pair(ws.dw.data(), pairs.pW[k], dW[k], size, pairs.dot + k, pairs.sq + k, net.bias);
+      std::fill(dW[k], dW[k] + static_cast<std::size_t>(width[k + 1]) * width[k], 0.0f);
+      if (net.bias) std::fill(db[k], db[k] + width[k + 1], 0.0f);
     }
     return 0.0f;
   }
@@ -412,15 +375,12 @@ float run_one(const Net& net, int B, const float* x, const float* t, const int32
   for (int k = L - 1; k >= 0; --k) {
     const int fi = width[k], fo = width[k + 1];
     if (net.bias) {  // z = c u + b: the bias takes dL/dz, the product c dL/dz
-      float* gb = pairs.pW != nullptr ? (ws.db.resize(fo), ws.db.data()) : db[k];
       for (int o = 0; o < fo; ++o) {
         const float* row = d + static_cast<std::ptrdiff_t>(o) * P;
         float s = 0.0f;
         for (int i = 0; i < n; ++i) s += row[i];
-        gb[o] = s;
+        db[k][o] = s;
       }
-      if (pairs.pW != nullptr)
-        store_pair(gb, pairs.pb[k], db[k], fo, pairs.dot + k, pairs.sq + k, false);
     }
     const float c = net.mult[k];
     if (c != 1.0f)
@@ -438,19 +398,11 @@ float run_one(const Net& net, int B, const float* x, const float* t, const int32
       transpose(src, fi, n, P, bm, fp);
       hb = bm;
     }
-    float* out = (fp == fi && pairs.pW == nullptr) ? dW[k] : ws.dw.data();
+    float* out = (fp == fi) ? dW[k] : ws.dw.data();
     gemm<false>(fo, fp, n, d, P, hb, fp, out, fp);
-    if (pairs.pW != nullptr) {
-      if (fp != fi)  // rows to stride fi, in place (row o moves down to o fi <= o fp)
-        for (int o = 1; o < fo; ++o)
-          std::memmove(out + static_cast<std::ptrdiff_t>(o) * fi, out + o * fp,
-                       sizeof(float) * fi);
-      store_pair(out, pairs.pW[k], dW[k], static_cast<int64_t>(fo) * fi, pairs.dot + k,
-                 pairs.sq + k, net.bias);
-    } else if (fp != fi) {
+    if (fp != fi)
       for (int o = 0; o < fo; ++o)
         std::memcpy(dW[k] + static_cast<std::ptrdiff_t>(o) * fi, out + o * fp, sizeof(float) * fi);
-    }
     if (k == 0) break;
     // dL/dz_{k-1} = act'(z_{k-1}) (W^T d), fi x P
     Epi e;
@@ -470,18 +422,15 @@ namespace ffi = xla::ffi;
 
 // Arguments: x (runs..., B, d_0), the targets t (runs..., B, C) float32 or class labels
 // (runs..., B) int32, w (runs..., B), then the L weights
-// (runs..., out, in) and, with bias, the L biases (runs..., out); with pairs, then the last
-// step's gradients in the same layout (aliased to the gradient results). Results: the loss
-// (runs...), the L weight gradients and, with bias, the L bias gradients; with pairs, then per
-// layer <last, new> and |new|^2 (runs..., L). Attributes: activation (0 identity, 1 ReLU,
-// 2 tanh), loss (0 square, 1 cross-entropy), bias (0 or 1), pairs (0 or 1), multipliers (L).
+// (runs..., out, in) and, with bias, the L biases (runs..., out). Results: the loss (runs...),
+// the L weight gradients and, with bias, the L bias gradients. Attributes: activation (0
+// identity, 1 ReLU, 2 tanh), loss (0 square, 1 cross-entropy), bias (0 or 1), multipliers (L).
 static ffi::Error DenseGradImpl(ffi::RemainingArgs args, ffi::RemainingRets rets, int32_t activation,
-                                int32_t loss, int32_t bias, int32_t pairs,
-                                ffi::Span<const float> multipliers) {
+                                int32_t loss, int32_t bias, ffi::Span<const float> multipliers) {
   const int L = static_cast<int>(multipliers.size());
   const int per = bias ? 2 : 1;
-  if (L < 1 || args.size() != static_cast<std::size_t>(3 + (pairs ? 2 : 1) * per * L) ||
-      rets.size() != static_cast<std::size_t>(1 + per * L + (pairs ? 2 : 0)))
+  if (L < 1 || args.size() != static_cast<std::size_t>(3 + per * L) ||
+      rets.size() != static_cast<std::size_t>(1 + per * L))
     return ffi::Error::InvalidArgument("dense_grad: argument or result count");
   auto x = args.get<ffi::Buffer<ffi::F32>>(0);
   auto t = args.get<ffi::AnyBuffer>(1);
@@ -501,7 +450,7 @@ static ffi::Error DenseGradImpl(ffi::RemainingArgs args, ffi::RemainingRets rets
   net.mult.assign(multipliers.begin(), multipliers.end());
   net.width.resize(L + 1);
   net.width[0] = static_cast<int>(xd[xd.size() - 1]);
-  std::vector<const float*> Wp(L), bp(L, nullptr), pWp(L, nullptr), pbp(L, nullptr);
+  std::vector<const float*> Wp(L), bp(L, nullptr);
   std::vector<float*> dWp(L), dbp(L, nullptr);
   std::vector<std::size_t> wsz(L), bsz(L, 0);
   for (int k = 0; k < L; ++k) {
@@ -517,12 +466,6 @@ static ffi::Error DenseGradImpl(ffi::RemainingArgs args, ffi::RemainingRets rets
     wsz[k] = static_cast<std::size_t>(fo) * fi;
     Wp[k] = wk->typed_data();
     dWp[k] = (*gk)->typed_data();
-    if (pairs) {
-      auto pk = args.get<ffi::Buffer<ffi::F32>>(3 + per * L + k);
-      if (!pk.has_value() || pk->element_count() != wk->element_count())
-        return ffi::Error::InvalidArgument("dense_grad: last gradient of W");
-      pWp[k] = pk->typed_data();
-    }
     if (net.bias) {
       auto bk = args.get<ffi::Buffer<ffi::F32>>(3 + L + k);
       auto hk = rets.get<ffi::Buffer<ffi::F32>>(1 + L + k);
@@ -530,12 +473,6 @@ static ffi::Error DenseGradImpl(ffi::RemainingArgs args, ffi::RemainingRets rets
       bsz[k] = fo;
       bp[k] = bk->typed_data();
       dbp[k] = (*hk)->typed_data();
-      if (pairs) {
-        auto pk = args.get<ffi::Buffer<ffi::F32>>(3 + per * L + L + k);
-        if (!pk.has_value() || pk->element_count() != bk->element_count())
-          return ffi::Error::InvalidArgument("dense_grad: last gradient of b");
-        pbp[k] = pk->typed_data();
-      }
     }
   }
   const int C = net.width[L];
@@ -546,21 +483,9 @@ static ffi::Error DenseGradImpl(ffi::RemainingArgs args, ffi::RemainingRets rets
       static_cast<int64_t>(w->element_count()) != runs * B ||
       static_cast<int64_t>(x->element_count()) != runs * B * net.width[0])
     return ffi::Error::InvalidArgument("dense_grad: shapes of x, t, w");
-  float* dotp = nullptr;
-  float* sqp = nullptr;
-  if (pairs) {
-    auto dots = rets.get<ffi::Buffer<ffi::F32>>(1 + per * L);
-    auto sqs = rets.get<ffi::Buffer<ffi::F32>>(2 + per * L);
-    if (!dots.has_value() || !sqs.has_value() || (*dots)->element_count() != runs * L ||
-        (*sqs)->element_count() != runs * L)
-      return ffi::Error::InvalidArgument("dense_grad: pair results");
-    dotp = (*dots)->typed_data();
-    sqp = (*sqs)->typed_data();
-  }
   thread_local Work ws;
-  std::vector<const float*> Wr(L), br(L), pWr(L), pbr(L);
+  std::vector<const float*> Wr(L), br(L);
   std::vector<float*> dWr(L), dbr(L);
-  Pairs pr;
   float* lossp = (*lo)->typed_data();
   for (int64_t r = 0; r < runs; ++r) {
     for (int k = 0; k < L; ++k) {
@@ -568,17 +493,11 @@ static ffi::Error DenseGradImpl(ffi::RemainingArgs args, ffi::RemainingRets rets
       dWr[k] = dWp[k] + r * wsz[k];
       br[k] = net.bias ? bp[k] + r * bsz[k] : nullptr;
       dbr[k] = net.bias ? dbp[k] + r * bsz[k] : nullptr;
-      if (pairs) {
-        pWr[k] = pWp[k] + r * wsz[k];
-        pbr[k] = net.bias ? pbp[k] + r * bsz[k] : nullptr;
-      }
     }
-    if (pairs) pr = Pairs{pWr.data(), pbr.data(), dotp + r * L, sqp + r * L};
     const float* tr = labels ? nullptr : static_cast<const float*>(t->untyped_data()) + r * B * C;
     const int32_t* yr = labels ? static_cast<const int32_t*>(t->untyped_data()) + r * B : nullptr;
     lossp[r] = run_one(net, B, x->typed_data() + r * B * net.width[0], tr, yr,
-                       w->typed_data() + r * B, Wr.data(), br.data(), dWr.data(), dbr.data(), pr,
-                       ws);
+                       w->typed_data() + r * B, Wr.data(), br.data(), dWr.data(), dbr.data(), ws);
   }
   return ffi::Error::Success();
 }
@@ -590,5 +509,4 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DynamicsDenseGrad, DenseGradImpl,
                                   .Attr<int32_t>("activation")
                                   .Attr<int32_t>("loss")
                                   .Attr<int32_t>("bias")
-                                  .Attr<int32_t>("pairs")
                                   .Attr<ffi::Span<const float>>("multipliers"));

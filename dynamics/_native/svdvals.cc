@@ -20,7 +20,6 @@
 #include <limits>
 #include <vector>
 
-#include "pairs.h"
 #include "xla/ffi/api/ffi.h"
 
 #if defined(__AVX512F__)
@@ -558,9 +557,40 @@ static ffi::Error GradPairsImpl(ffi::RemainingArgs args, ffi::RemainingRets rets
     const float* gd = g->typed_data();
     const float* pd = p->typed_data();
     float* od = (*out)->typed_data();
-    for (int64_t r = 0; r < runs; ++r)
-      dynamics_pairs::dot_sq_copy(gd + r * size, pd + r * size, od + r * size, size,
-                                  dot + r * L + k, sq + r * L + k);
+    for (int64_t r = 0; r < runs; ++r) {
+      const float* gr = gd + r * size;
+      const float* pr = pd + r * size;
+      float* orow = od + r * size;
+      vf ad0 = {}, ad1 = {}, as0 = {}, as1 = {};
+      int64_t i = 0;
+      for (; i + 2 * kF <= size; i += 2 * kF) {
+        vf g0, g1, p0, p1;
+        __builtin_memcpy(&g0, gr + i, sizeof g0);
+        __builtin_memcpy(&g1, gr + i + kF, sizeof g1);
+        __builtin_memcpy(&p0, pr + i, sizeof p0);
+        __builtin_memcpy(&p1, pr + i + kF, sizeof p1);
+        ad0 += g0 * p0;
+        ad1 += g1 * p1;
+        as0 += g0 * g0;
+        as1 += g1 * g1;
+        if (orow != gr) {
+          __builtin_memcpy(orow + i, &g0, sizeof g0);
+          __builtin_memcpy(orow + i + kF, &g1, sizeof g1);
+        }
+      }
+      double d = 0.0, s2 = 0.0;
+      for (int l = 0; l < kF; ++l) {
+        d += static_cast<double>(ad0[l]) + ad1[l];
+        s2 += static_cast<double>(as0[l]) + as1[l];
+      }
+      for (; i < size; ++i) {
+        d += static_cast<double>(gr[i]) * pr[i];
+        s2 += static_cast<double>(gr[i]) * gr[i];
+        if (orow != gr) orow[i] = gr[i];
+      }
+      dot[r * L + k] = static_cast<float>(d);
+      sq[r * L + k] = static_cast<float>(s2);
+    }
   }
   return ffi::Error::Success();
 }

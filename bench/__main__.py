@@ -358,19 +358,25 @@ class Loop:
         return {"seconds": seconds, "runs": n, "runs_per_s": n / seconds}
 
 
-def interleaved(timers: dict, repeat: int) -> dict:
+def interleaved(timers: dict, repeat: int, rounds: dict | None = None) -> dict:
     """Best seconds of each timer over `repeat` rounds. A timer is a callable or a list of
     callables (a sweep's chunks); each round takes the first part of every timer in turn, then
     the second, and so on, and a timer's result is the sum of its parts' best times. On a shared
     machine whose speed drifts, timings taken seconds apart compare far better than timings
-    taken minutes apart."""
+    taken minutes apart. `rounds`, when given, receives each timer's total of every round (a
+    list of `repeat` seconds), from which the spread of a ratio can be read."""
     parts = {k: t if isinstance(t, list) else [t] for k, t in timers.items()}
     best = {k: [math.inf] * len(p) for k, p in parts.items()}
-    for _ in range(repeat):
+    totals = {k: [0.0] * repeat for k in parts}
+    for r in range(repeat):
         for i in range(max(len(p) for p in parts.values())):
             for k, p in parts.items():
                 if i < len(p):
-                    best[k][i] = min(best[k][i], p[i]())
+                    t = p[i]()
+                    best[k][i] = min(best[k][i], t)
+                    totals[k][r] += t
+    if rounds is not None:
+        rounds.update(totals)
     return {k: sum(v) for k, v in best.items()}
 
 
@@ -467,12 +473,17 @@ def main(argv=None) -> int:
     batches = sorted(int(b) for b in res.grid["batch_size"])
     forms = gradient_forms(specs[0][1], train_ex, per_dev, batches)
     timers.update({("form", *k): t for k, (t, _) in forms.items()})
-    best = interleaved(timers, args.repeat)
+    rounds: dict = {}
+    best = interleaved(timers, args.repeat, rounds)
     for k, v in prepared.items():
         if not k.startswith("with "):
             report[k] = v.result(best[k])
     loss_s = best["vectorized_loss_only"]
     report["observables_overhead"] = best["vectorized"] / loss_s
+    # the same ratio round by round (both timed seconds apart in each): how far noise moves it
+    report["observables_overhead_rounds"] = [
+        a / b for a, b in zip(rounds["vectorized"], rounds["vectorized_loss_only"], strict=True)
+    ]
     report["breakdown"] = {
         "added_fraction": {name: best[f"with {name}"] / loss_s - 1 for name, _ in BREAKDOWN},
     }
@@ -567,7 +578,14 @@ def _print_table(r: dict) -> None:
             "fraction of peak",
             f"{100 * f['fraction_of_peak']:.0f}%  (loss only: {100 * f['fraction_of_peak_loss_only']:.0f}%)",
         ),
-        ("observables overhead", f"{r['observables_overhead']:.2f}x"),
+        (
+            "observables overhead",
+            "{:.2f}x  (round by round {:.2f}-{:.2f}x)".format(
+                r["observables_overhead"],
+                min(r["observables_overhead_rounds"]),
+                max(r["observables_overhead_rounds"]),
+            ),
+        ),
         *[
             (f"  + {name} alone", f"+{100 * v:.0f}%")
             for name, v in r["breakdown"]["added_fraction"].items()

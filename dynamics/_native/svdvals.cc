@@ -1,14 +1,22 @@
 // Singular values of a batch of small dense float32 matrices, for XLA's CPU backend: an XLA FFI
 // custom call, compiled and registered by dynamics/native.py.
 //
-// Each matrix is reduced to upper bidiagonal form B by Householder reflections (Golub and Kahan)
-// in double precision; every singular value of B is then found by bisection on Sturm counts of
-// B^T B - x I, taken with the differential stationary qd recurrence, which works on the entries
-// of B (never forming B^T B) and is relatively accurate. The bisection probes of all singular
-// values of several matrices advance together in vector registers, so the recurrence's latency
-// overlaps across probes. At the sizes of a training run's layers (tens to a few hundred rows)
-// LAPACK's routines spend most of their time in call overhead and short scalar loops; this
-// kernel is several times faster at the same accuracy (tests/test_native.py).
+// Each matrix X (m x n, m >= n: the matrix or its transpose) gives its Gram matrix X^T X in
+// double precision (products of float32 entries are exact in double), which Householder
+// reflections reduce to symmetric tridiagonal form T; T plus a shift of a few units of double
+// rounding is factored as B^T B with B upper bidiagonal, and every singular value of B is found
+// by bisection on Sturm counts of B^T B - x I, taken with the differential stationary qd
+// recurrence, which works on the entries of B (never forming B^T B) and is relatively accurate;
+// the shift is then taken off the squares. The Gram matrix costs a singular value s_i an
+// absolute error of about sqrt(eps_double) s_1 = 1e-8 s_1 where s_i is near zero (and
+// eps_double s_1^2 / s_i elsewhere), below what rounding the matrix's own entries to float32
+// (up to 6e-8 s_1) already leaves uncertain; the gain is flops and passes: the tridiagonal
+// reduction updates half of a symmetric matrix, one pass per reflector, where a bidiagonal one
+// makes two passes over the whole matrix. The bisection probes of all singular values of several
+// matrices advance together in vector registers, so the recurrence's latency overlaps across
+// probes. At the sizes of a training run's layers (tens to a few hundred rows) LAPACK's routines
+// spend most of their time in call overhead and short scalar loops; this kernel is several
+// times faster at the same accuracy (tests/test_native.py).
 //
 // Input (..., r, c), row-major; output (..., min(r, c)), descending. A matrix with a non-finite
 // entry gives NaN.
@@ -66,157 +74,226 @@ inline double sumsq_from(const double* p, int from, int ld) {
   return hsum(acc);
 }
 
-// ------------------------------------------------------------------ bidiagonalization
+// ------------------------------------------------------------------ reduction
 
-// The trailing-matrix updates keep a block of up to kG vectors of rows of the reflector(s) in
-// registers and stream the columns through them (one load and one store per vector).
-constexpr int kG = 8;
-
-// Rows [g0, g0 + NV kD) of columns j0..n-1: y_j -= (aL s_j) v; w += u_j y_j.
+// The Gram matrix G = X^T X of the m x n matrix X (m >= n) held row-major in x, rows of ldn
+// doubles (columns n..ldn-1 zero), into g (ldn x ldn, column-major) as the tridiagonal
+// reduction holds it: column j from row (j / kD) kD on (the lower triangle and the diagonal
+// blocks; rows n..ldn-1 zero). Products of float32 entries are exact in double, so G is correct
+// to a few units of double rounding. A kD-column block at a time, NV vectors of rows at once in
+// registers (one tile: NV x kD vector sums, one broadcast entry per column and row of X).
 template <int NV>
-void left_pass(double* a, int ld, int g0, int j0, int n, const double* v, double aL,
-               const double* s, const double* u, double* w) {
-  vd vv[NV], ww[NV];
-  for (int q = 0; q < NV; ++q) {
-    vv[q] = load(v + g0 + q * kD);
-    ww[q] = vd{};
-  }
-  for (int j = j0; j < n; ++j) {
-    double* y = a + static_cast<std::ptrdiff_t>(j) * ld + g0;
-    const double f = aL * s[j], c = u[j];
-    for (int q = 0; q < NV; ++q) {
-      vd yy = load(y + q * kD) - f * vv[q];
-      store(y + q * kD, yy);
-      ww[q] += c * yy;
+void gram_tile(const double* x, int m, int ldn, int j0, int i0, double* g) {
+  vd acc[NV][kD];
+  for (int q = 0; q < NV; ++q)
+    for (int c = 0; c < kD; ++c) acc[q][c] = vd{};
+  for (int r = 0; r < m; ++r) {
+    const double* xr = x + static_cast<std::ptrdiff_t>(r) * ldn;
+    vd xv[NV];
+    for (int q = 0; q < NV; ++q) xv[q] = load(xr + i0 + q * kD);
+    for (int c = 0; c < kD; ++c) {
+      const double s = xr[j0 + c];
+      for (int q = 0; q < NV; ++q) acc[q][c] += xv[q] * s;
     }
   }
-  for (int q = 0; q < NV; ++q) store(w + g0 + q * kD, ww[q]);
+  for (int c = 0; c < kD; ++c)
+    for (int q = 0; q < NV; ++q)
+      store(g + static_cast<std::ptrdiff_t>(j0 + c) * ldn + i0 + q * kD, acc[q][c]);
 }
 
-// Rows [g0, g0 + NV kD) of columns j0..n-1: y_j -= (aR u_j) w; s_j += v . y_j.
-template <int NV>
-void right_pass(double* a, int ld, int g0, int j0, int n, const double* w, double aR,
-                const double* u, const double* v, double* s) {
-  vd ww[NV], vv[NV];
-  for (int q = 0; q < NV; ++q) {
-    ww[q] = load(w + g0 + q * kD);
-    vv[q] = load(v + g0 + q * kD);
+constexpr int kGramRows = (kD == 4) ? 3 : 2;  // vectors of rows per tile: 3 x 4 or 2 x 8 sums
+
+void gram(const double* x, int m, int n, int ldn, double* g) {
+  for (int j0 = 0; j0 < n; j0 += kD) {
+    int i0 = j0;
+    for (; i0 + kGramRows * kD <= ldn; i0 += kGramRows * kD)
+      gram_tile<kGramRows>(x, m, ldn, j0, i0, g);
+    if (i0 + 2 * kD <= ldn) {
+      gram_tile<2>(x, m, ldn, j0, i0, g);
+      i0 += 2 * kD;
+    }
+    if (i0 < ldn) gram_tile<1>(x, m, ldn, j0, i0, g);
   }
-  for (int j = j0; j < n; ++j) {
+  // (the last block's columns past n, zero, land in g's padding columns)
+}
+
+// The symmetric matrix is held as its lower triangle and the diagonal blocks: column j from
+// row (j / kD) kD on. One pass over rows [g0, g0 + NV kD) of columns j0..n-1 (their held part)
+// applies the rank-2 update y_j -= v_j w + w_j v of one Householder step (kUpdate) and takes
+// the product p = A c with the updated matrix: the held part of column j adds c_j y_j to p
+// (rows from its block on) and y_j . c to p_j (rows from the next block on: the rest of row j),
+// the latter as kD partial sums into t[j kD..] for the caller to add. Groups of rows go in
+// order, so the first to reach column j is the one holding its diagonal block: it writes t[j],
+// the groups below add to it.
+template <int NV, bool kUpdate>
+void sym_pass(double* a, int ld, int g0, int j0, int n, const double* v, const double* w,
+              const double* c, double* p, double* t) {
+  vd vv[NV], ww[NV], cc[NV], pp[NV];
+  for (int q = 0; q < NV; ++q) {
+    if (kUpdate) {
+      vv[q] = load(v + g0 + q * kD);
+      ww[q] = load(w + g0 + q * kD);
+    }
+    cc[q] = load(c + g0 + q * kD);
+    pp[q] = vd{};
+  }
+  const int g1 = g0 + NV * kD;
+  int j = j0;
+  for (; j < std::min(g0, n); ++j) {  // columns left of the rows: all of them held
     double* y = a + static_cast<std::ptrdiff_t>(j) * ld + g0;
-    const double f = aR * u[j];
+    const double fv = v[j], fw = w[j], fc = c[j];
     vd acc = {};
     for (int q = 0; q < NV; ++q) {
-      vd yy = load(y + q * kD) - f * ww[q];
-      store(y + q * kD, yy);
-      acc += vv[q] * yy;
+      vd yy = load(y + q * kD);
+      if (kUpdate) {
+        yy = yy - fv * ww[q] - fw * vv[q];
+        store(y + q * kD, yy);
+      }
+      pp[q] += fc * yy;
+      acc += cc[q] * yy;
     }
-    s[j] += hsum(acc);
+    store(t + static_cast<std::ptrdiff_t>(j) * kD, load(t + static_cast<std::ptrdiff_t>(j) * kD) + acc);
   }
+  for (; j < std::min(g1, n); ++j) {  // columns among the rows: held from their block on
+    double* y = a + static_cast<std::ptrdiff_t>(j) * ld + g0;
+    const int qs = (j - g0) / kD;
+    const double fv = v[j], fw = w[j], fc = c[j];
+    vd acc = {};
+    for (int q = 0; q < NV; ++q) {
+      if (q < qs) continue;
+      vd yy = load(y + q * kD);
+      if (kUpdate) {
+        yy = yy - fv * ww[q] - fw * vv[q];
+        store(y + q * kD, yy);
+      }
+      pp[q] += fc * yy;
+      if (q > qs) acc += cc[q] * yy;
+    }
+    store(t + static_cast<std::ptrdiff_t>(j) * kD, acc);  // the first group to reach column j
+  }
+  for (int q = 0; q < NV; ++q) store(p + g0 + q * kD, pp[q]);
 }
 
-// The passes over rows r0..ld-1, a group of up to kG vectors at a time.
+template <int NV>
+void update_pass(double* a, int ld, int g0, int j0, int n, const double* v, const double* w,
+                 const double* c, double* p, double* t) {
+  sym_pass<NV, true>(a, ld, g0, j0, n, v, w, c, p, t);
+}
+template <int NV>
+void product_pass(double* a, int ld, int g0, int j0, int n, const double* c, double* p,
+                  double* t) {
+  sym_pass<NV, false>(a, ld, g0, j0, n, nullptr, nullptr, c, p, t);
+}
+
+// The passes over rows r0..ld-1, a group of up to kG vectors at a time (kG vectors each of
+// v, w, c and p stay in registers).
+constexpr int kG = (kD == 4) ? 2 : 4;  // 2 x 4 vectors of v, w, c, p in 16 registers (AVX2)
 #define DYNAMICS_OVER_GROUPS(PASS, ...)                                       \
   for (int g0 = r0; g0 < ld; g0 += kG * kD) {                              \
     switch (std::min(kG, (ld - g0) / kD)) {                                \
       case 1: PASS<1>(a, ld, g0, __VA_ARGS__); break;                      \
       case 2: PASS<2>(a, ld, g0, __VA_ARGS__); break;                      \
       case 3: PASS<3>(a, ld, g0, __VA_ARGS__); break;                      \
-      case 4: PASS<4>(a, ld, g0, __VA_ARGS__); break;                      \
-      case 5: PASS<5>(a, ld, g0, __VA_ARGS__); break;                      \
-      case 6: PASS<6>(a, ld, g0, __VA_ARGS__); break;                      \
-      case 7: PASS<7>(a, ld, g0, __VA_ARGS__); break;                      \
-      default: PASS<8>(a, ld, g0, __VA_ARGS__); break;                     \
+      default: PASS<kG>(a, ld, g0, __VA_ARGS__); break;                    \
     }                                                                      \
   }
 
-// Upper bidiagonal form of the m x n matrix held column-major in a, leading dimension ld (a
-// multiple of kD, rows m..ld-1 zero), m >= n; a is destroyed. Diagonal into d (n),
-// superdiagonal into e (n - 1). Workspaces: v, w, z of ld doubles; u, s of n doubles.
+// p[j] += the sum of t[j kD..(j+1) kD) for j in [j0, n): a block of kD columns at a time as
+// one transposition (kD = 4), so no sum runs along a vector.
+inline void add_row_sums(const double* t, int j0, int n, double* p) {
+  int j = j0;
+#if defined(__has_builtin) && !defined(__AVX512F__)
+#if __has_builtin(__builtin_shufflevector)
+  for (; j + 4 <= n; j += 4) {
+    const vd a = load(t + j * 4), b = load(t + j * 4 + 4), c = load(t + j * 4 + 8),
+             d = load(t + j * 4 + 12);
+    const vd ab = __builtin_shufflevector(a, b, 0, 4, 2, 6) + __builtin_shufflevector(a, b, 1, 5, 3, 7);
+    const vd cd = __builtin_shufflevector(c, d, 0, 4, 2, 6) + __builtin_shufflevector(c, d, 1, 5, 3, 7);
+    const vd sums = __builtin_shufflevector(ab, cd, 0, 1, 4, 5) + __builtin_shufflevector(ab, cd, 2, 3, 6, 7);
+    vd pj;
+    __builtin_memcpy(&pj, p + j, sizeof pj);
+    pj += sums;
+    __builtin_memcpy(p + j, &pj, sizeof pj);
+  }
+#endif
+#endif
+  for (; j < n; ++j) p[j] += hsum(load(t + static_cast<std::ptrdiff_t>(j) * kD));
+}
+
+// Symmetric tridiagonal form of the symmetric n x n matrix held (as sym_pass describes)
+// column-major in a, leading dimension ld (a multiple of kD, rows n..ld-1 zero); a is
+// destroyed. Diagonal into d (n), subdiagonal into e (n - 1). Workspaces: v, z, w, p, c of ld
+// doubles, t of n kD.
 //
-// Step k applies a left reflector I - aL v v^T (zeroing column k below the diagonal) and a
-// right one I - aR u u^T (zeroing row k right of the superdiagonal), in two passes over the
-// trailing columns: the left update, which also accumulates A u for the right reflector, and
-// the right update, which also takes the inner products with the next step's left reflector.
-// Rows above the active block are never read again, so the vector loops start at a block
-// boundary and may leave them changed.
-void bidiagonalize(double* a, int m, int n, int ld, double* d, double* e, double* v, double* w,
-                   double* z, double* u, double* s) {
-  (void)m;
+// Step k reflects column k below the subdiagonal (H = I - tau v v^T) and updates the trailing
+// matrix A <- H A H = A - v w^T - w v^T, with p = tau A v and w = p - (tau/2)(p.v) v. The
+// update runs in one pass over the trailing columns, which also takes the next step's p: the
+// column that gives the next reflector is updated first. Rows above the trailing matrix are
+// never read again, so the vector loops start at a block boundary and may leave them changed.
+void tridiagonalize(double* a, int n, int ld, double* d, double* e, double* v, double* z,
+                    double* w, double* p, double* c, double* t) {
   auto col = [&](int j) { return a + static_cast<std::ptrdiff_t>(j) * ld; };
-  // The left reflector of column k into v (zero outside rows k..), its factor into aL (0: none),
-  // the new diagonal entry into d[k].
-  auto left = [&](int k, double& aL) {
+  d[0] = a[0];
+  if (n == 1) return;
+  if (n == 2) {
+    e[0] = col(0)[1];
+    d[1] = col(1)[1];
+    return;
+  }
+  // The reflector of column k (rows k+2.. into row k+1) into r (zero from row k+1's block up
+  // to row k), its factor into tau (0: none), the subdiagonal entry into e[k].
+  auto reflect = [&](int k, double* r, double& tau) {
     const double* x = col(k);
-    const double tail = sumsq_from(x, k + 1, ld);
-    const double alpha = x[k];
-    for (int i = (k / kD) * kD; i < ld; ++i) v[i] = (i < k) ? 0.0 : x[i];
+    const double tail = sumsq_from(x, k + 2, ld);
+    const double alpha = x[k + 1];
+    const int i0 = ((k + 1) / kD) * kD;
+    for (int i = i0; i < ld; i += kD) store(r + i, load(x + i));
+    for (int i = i0; i < k + 1; ++i) r[i] = 0.0;
     if (tail == 0.0) {
-      d[k] = alpha;
-      aL = 0.0;
+      e[k] = alpha;
+      tau = 0.0;
       return;
     }
     const double beta = -std::copysign(std::sqrt(alpha * alpha + tail), alpha);
-    v[k] = alpha - beta;
-    aL = 2.0 / (v[k] * v[k] + tail);
-    d[k] = beta;
+    r[k + 1] = alpha - beta;
+    tau = 2.0 / (r[k + 1] * r[k + 1] + tail);
+    e[k] = beta;
   };
-  double aL = 0.0;
-  left(0, aL);
-  for (int j = 1; j < n; ++j) {  // step 0's inner products with v
-    vd acc = {};
-    for (int i = 0; i < ld; i += kD) acc += load(v + i) * load(col(j) + i);
-    s[j] = hsum(acc);
+  double tau;
+  reflect(0, v, tau);
+  {
+    for (int i = 0; i < ld; ++i) c[i] = tau * v[i];
+    const int r0 = 0;
+    DYNAMICS_OVER_GROUPS(product_pass, 1, n, c, p, t)
+    add_row_sums(t, 1, n, p);
   }
-  for (int k = 0; k + 1 < n; ++k) {
-    const int i0 = (k / kD) * kD;        // the block holding row k
-    const int r0 = ((k + 1) / kD) * kD;  // the right reflector works on rows k+1..
-    // Left update of the block holding row k first: row k of every column, into u.
-    for (int j = k + 1; j < n; ++j) {
-      double* y = col(j);
-      store(y + i0, load(y + i0) - (aL * s[j]) * load(v + i0));
-      u[j] = y[k];
+  for (int k = 0; k + 2 < n; ++k) {
+    const int i0 = ((k + 1) / kD) * kD;  // the block holding row k+1
+    vd acc = {};
+    for (int i = i0; i < ld; i += kD) acc += load(p + i) * load(v + i);
+    const double half = 0.5 * tau * hsum(acc);
+    for (int i = i0; i < ld; i += kD) store(w + i, load(p + i) - half * load(v + i));
+    // column k+1 first: it gives the next reflector
+    double* y = col(k + 1);
+    {
+      const double fv = v[k + 1], fw = w[k + 1];
+      for (int i = i0; i < ld; i += kD)
+        store(y + i, load(y + i) - fv * load(w + i) - fw * load(v + i));
     }
-    if (k + 2 == n) {  // last column: no right reflector
-      e[k] = u[k + 1];
-      // finish the left update of column n-1 below the block of row k
-      double* y = col(k + 1);
-      const double f = aL * s[k + 1];
-      for (int i = i0 + kD; i < ld; i += kD) store(y + i, load(y + i) - f * load(v + i));
-      double unused;
-      left(k + 1, unused);
+    d[k + 1] = y[k + 1];
+    const int r0 = ((k + 2) / kD) * kD;
+    if (k + 3 == n) {  // the last step: no reflector follows
+      e[k + 1] = y[k + 2];
+      d[k + 2] = col(k + 2)[k + 2] - 2.0 * v[k + 2] * w[k + 2];
       break;
     }
-    // The rest of the left update, accumulating w = sum_j u_j a_j over rows r0.. (the block of
-    // row k is done: v is masked there when it is also the first block of the pass).
-    for (int i = r0; i < ld; ++i) z[i] = (i < i0 + kD) ? 0.0 : v[i];
-    DYNAMICS_OVER_GROUPS(left_pass, k + 1, n, z, aL, s, u, w)
-    // The right reflector from u = row k of columns k+1..
-    double utail = 0.0;
-    for (int j = k + 2; j < n; ++j) utail += u[j] * u[j];
-    double aR = 0.0;
-    if (utail == 0.0) {
-      e[k] = u[k + 1];
-    } else {
-      const double u0 = u[k + 1];
-      const double beta = -std::copysign(std::sqrt(u0 * u0 + utail), u0);
-      u[k + 1] = u0 - beta;
-      aR = 2.0 / (u[k + 1] * u[k + 1] + utail);
-      e[k] = beta;
-      // w = sum_j A[k, j] a_j; with u_{k+1} = A[k, k+1] - beta, A u = w - beta a_{k+1}
-      const double* y = col(k + 1);
-      for (int i = r0; i < ld; i += kD) store(w + i, load(w + i) - beta * load(y + i));
-    }
-    // Right update: column k+1 first (it gives the next left reflector), then the others
-    // together with their inner products with that reflector.
-    {
-      double* y = col(k + 1);
-      const double f = aR * u[k + 1];
-      for (int i = r0; i < ld; i += kD) store(y + i, load(y + i) - f * load(w + i));
-    }
-    left(k + 1, aL);
-    for (int j = k + 2; j < n; ++j) s[j] = 0.0;
-    DYNAMICS_OVER_GROUPS(right_pass, k + 2, n, w, aR, u, v, s)
+    double tn;
+    reflect(k + 1, z, tn);
+    for (int i = r0; i < ld; ++i) c[i] = tn * z[i];
+    DYNAMICS_OVER_GROUPS(update_pass, k + 2, n, v, w, c, p, t)
+    add_row_sums(t, k + 2, n, p);
+    std::swap(v, z);
+    tau = tn;
   }
 }
 
@@ -246,7 +323,7 @@ struct Block {
 // Sturm counts: c[b] = number of singular values below sqrt(x[b]) of block b's matrix, for
 // nb <= NB blocks (of matrices of order n).
 template <int NB>
-void count(const Block* blk, int n, const vf* x, vi* c) {
+void count(const Block* const* blk, int n, const vf* x, vi* c) {
   const float pivmin = 1e-30f;
   vf t[NB];
   for (int b = 0; b < NB; ++b) {
@@ -255,11 +332,11 @@ void count(const Block* blk, int n, const vf* x, vi* c) {
   }
   for (int i = 0; i < n; ++i) {
     for (int b = 0; b < NB; ++b) {
-      vf p = blk[b].d2[i] + t[b];
+      vf p = blk[b]->d2[i] + t[b];
       c[b] -= (p < 0.0f);  // a true comparison is -1
       vf ap = p < 0.0f ? -p : p;
       p = ap < pivmin ? -pivmin : p;
-      t[b] = blk[b].e2[i] * t[b] * reciprocal(p) - x[b];
+      t[b] = blk[b]->e2[i] * t[b] * reciprocal(p) - x[b];
     }
   }
 }
@@ -267,29 +344,29 @@ void count(const Block* blk, int n, const vf* x, vi* c) {
 // One halving of the interval of every lane of the NB blocks; marks the blocks whose every
 // interval is one unit in the last place wide (or below the block's floor) done.
 template <int NB>
-void halve(Block* blk, int n) {
+void halve(Block* const* blk, int n) {
   vf mid[NB], x[NB];
   vi c[NB];
   for (int b = 0; b < NB; ++b) {
-    mid[b] = 0.5f * (blk[b].lo + blk[b].hi);
+    mid[b] = 0.5f * (blk[b]->lo + blk[b]->hi);
     x[b] = mid[b] * mid[b];
   }
   count<NB>(blk, n, x, c);
   for (int b = 0; b < NB; ++b) {
     // c values lie below mid: the (k+1)-th smallest is below mid iff c > k
-    vi below = c[b] > blk[b].index;
-    blk[b].hi = below ? mid[b] : blk[b].hi;
-    blk[b].lo = below ? blk[b].lo : mid[b];
-    vf m2 = 0.5f * (blk[b].lo + blk[b].hi);
-    vi fin = (m2 == blk[b].lo) | (m2 == blk[b].hi) | ((blk[b].hi - blk[b].lo) <= blk[b].floor) |
-             (blk[b].index < 0);
+    vi below = c[b] > blk[b]->index;
+    blk[b]->hi = below ? mid[b] : blk[b]->hi;
+    blk[b]->lo = below ? blk[b]->lo : mid[b];
+    vf m2 = 0.5f * (blk[b]->lo + blk[b]->hi);
+    vi fin = (m2 == blk[b]->lo) | (m2 == blk[b]->hi) | ((blk[b]->hi - blk[b]->lo) <= blk[b]->floor) |
+             (blk[b]->index < 0);
     bool done = true;
     for (int l = 0; l < kF; ++l) done &= (fin[l] != 0);
-    blk[b].done = done;
+    blk[b]->done = done;
   }
 }
 
-void halve_any(Block* blk, int nb, int n) {
+void halve_any(Block* const* blk, int nb, int n) {
   switch (nb) {
     case 1: halve<1>(blk, n); break;
     case 2: halve<2>(blk, n); break;
@@ -305,18 +382,13 @@ void halve_any(Block* blk, int nb, int n) {
 // Bisection of nb <= 8 blocks to convergence; blocks that are done drop out, so the probes of
 // values that take long (the smallest, relative to the largest) do not hold the others.
 void bisect(Block* blk, int nb, int n) {
-  Block active[8];
-  int where[8];
+  Block* active[8];
   for (int iter = 0; iter < 200; ++iter) {
     int na = 0;
     for (int b = 0; b < nb; ++b)
-      if (!blk[b].done) {
-        where[na] = b;
-        active[na++] = blk[b];
-      }
+      if (!blk[b].done) active[na++] = blk + b;
     if (na == 0) return;
     halve_any(active, na, n);
-    for (int q = 0; q < na; ++q) blk[where[q]] = active[q];
   }
 }
 
@@ -327,7 +399,9 @@ void start(Block* blk, int n, int per, float* grid, int32_t* counts) {
   vf x[NB];
   vi c[NB];
   const int lanes = per * kF;
+  const Block* ptr[NB];
   for (int b = 0; b < NB; ++b) {
+    ptr[b] = blk + b;
     const int q = b % per;
     const float ub = blk[b].hi[0];
     for (int l = 0; l < kF; ++l) {
@@ -335,7 +409,7 @@ void start(Block* blk, int n, int per, float* grid, int32_t* counts) {
       x[b][l] = g * g;
     }
   }
-  count<NB>(blk, n, x, c);
+  count<NB>(ptr, n, x, c);
   for (int b0 = 0; b0 < NB; b0 += per) {  // one matrix: blocks b0..b0+per-1
     const float ub = blk[b0].hi[0];
     for (int q = 0; q < per; ++q)
@@ -383,10 +457,41 @@ void bisect_blocks(Block* blk, int nb, int n, int per, float* grid, int32_t* cou
 
 // ------------------------------------------------------------------ driver
 
+typedef float vh __attribute__((vector_size(kD * 4)));  // kD floats
+
+// X, the tall one of the row-major r x c matrix src (c <= r) and its transpose (c > r), which
+// have the same singular values, into x: row-major, rows of ld doubles (columns past min(r, c)
+// are left as they are: zero). False if an entry is not finite (x * 0 is NaN then).
+bool load_tall(const float* src, int r, int c, int ld, double* x) {
+  vd bad = {};
+  double bad1 = 0.0;
+  for (int i = 0; i < r; ++i) {
+    const float* row = src + static_cast<std::ptrdiff_t>(i) * c;
+    int j = 0;
+    for (; j + kD <= c; j += kD) {
+      vh h;
+      __builtin_memcpy(&h, row + j, sizeof h);
+      const vd xv = __builtin_convertvector(h, vd);
+      bad += xv * 0.0;
+      if (c <= r) {
+        store(x + static_cast<std::ptrdiff_t>(i) * ld + j, xv);
+      } else {
+        for (int l = 0; l < kD; ++l) x[static_cast<std::ptrdiff_t>(j + l) * ld + i] = xv[l];
+      }
+    }
+    for (; j < c; ++j) {
+      const double val = row[j];
+      bad1 += val * 0.0;
+      x[(c <= r) ? static_cast<std::ptrdiff_t>(i) * ld + j : static_cast<std::ptrdiff_t>(j) * ld + i] = val;
+    }
+  }
+  return hsum(bad) == 0.0 && bad1 == 0.0;
+}
+
 struct Workspace {
-  std::vector<double> a, v, w, z, u, s, d, e;
+  std::vector<double> x, g, v, z, w, p, c, t, d, e;
   std::vector<float> d2, e2, grid;
-  std::vector<double> scale;
+  std::vector<double> scale, shift;
   std::vector<int32_t> counts;
   std::vector<int> status;  // 0 ok, 1 zero matrix, 2 non-finite
   std::vector<Block> blocks;
@@ -395,21 +500,21 @@ struct Workspace {
 // Singular values of `count` row-major r x c matrices, descending, into out (count x min(r, c)).
 void batch_values(const float* in, int64_t count, int r, int c, float* out, Workspace& ws) {
   const int m = std::max(r, c), n = std::min(r, c);
-  const int ld = (m + kD - 1) / kD * kD;
-  ws.a.assign(static_cast<size_t>(ld) * n, 0.0);
-  ws.u.resize(n);
-  ws.s.resize(n);
+  int ld = (n + kD - 1) / kD * kD;
+  if (ld % 128 == 0) ld += kD;  // not a multiple of 1 KiB: columns would share cache sets
+  ws.x.assign(static_cast<size_t>(m) * ld, 0.0);
+  ws.g.resize(static_cast<size_t>(ld) * ld);
+  for (auto* b : {&ws.v, &ws.z, &ws.w, &ws.p, &ws.c}) b->assign(ld, 0.0);
+  ws.t.resize(static_cast<size_t>(n) * kD);
   ws.d.resize(n);
   ws.e.resize(n);
-  ws.v.resize(ld);
-  ws.w.resize(ld);
-  ws.z.resize(ld);
   // Matrices go through the bisection a group at a time, so their probes fill the registers.
   const int per_matrix = (n + kF - 1) / kF;
   const int group = std::max<int64_t>(1, std::min<int64_t>(count, std::max(1, 8 / per_matrix)));
   ws.d2.resize(static_cast<size_t>(group) * n);
   ws.e2.resize(static_cast<size_t>(group) * n);
   ws.scale.resize(group);
+  ws.shift.resize(group);
   ws.grid.resize(static_cast<size_t>(per_matrix) * kF);
   ws.counts.resize(static_cast<size_t>(per_matrix) * kF);
   ws.status.resize(group);
@@ -420,57 +525,44 @@ void batch_values(const float* in, int64_t count, int r, int c, float* out, Work
     int nb = 0;
     for (int q = 0; q < gn; ++q) {
       const float* src = in + (g0 + q) * static_cast<int64_t>(r) * c;
-      double* a = ws.a.data();
-      bool finite = true;
-      // Row-major (r, c) is column-major (c, r), the transpose, with the same singular values;
-      // work on the tall one (m >= n), columns padded to ld with zeros.
-      if (c >= r) {
-        for (int j = 0; j < r; ++j) {
-          for (int i = 0; i < c; ++i) {
-            float val = src[static_cast<std::ptrdiff_t>(j) * c + i];
-            finite &= std::isfinite(val);
-            a[static_cast<std::ptrdiff_t>(j) * ld + i] = val;
-          }
-          for (int i = c; i < ld; ++i) a[static_cast<std::ptrdiff_t>(j) * ld + i] = 0.0;
-        }
-      } else {
-        for (int j = 0; j < c; ++j) {
-          for (int i = 0; i < r; ++i) {
-            float val = src[static_cast<std::ptrdiff_t>(i) * c + j];
-            finite &= std::isfinite(val);
-            a[static_cast<std::ptrdiff_t>(j) * ld + i] = val;
-          }
-          for (int i = r; i < ld; ++i) a[static_cast<std::ptrdiff_t>(j) * ld + i] = 0.0;
-        }
-      }
+      const bool finite = load_tall(src, r, c, ld, ws.x.data());
       float* d2 = ws.d2.data() + static_cast<size_t>(q) * n;
       float* e2 = ws.e2.data() + static_cast<size_t>(q) * n;
       ws.status[q] = finite ? 0 : 2;
       if (!finite) continue;
-      bidiagonalize(a, m, n, ld, ws.d.data(), ws.e.data(), ws.v.data(), ws.w.data(), ws.z.data(),
-                    ws.u.data(), ws.s.data());
-      // Scale to a largest entry near one (by a power of two, exactly), then square in float.
-      double big = 0.0;
-      for (int i = 0; i < n; ++i) big = std::max(big, std::fabs(ws.d[i]));
-      for (int i = 0; i + 1 < n; ++i) big = std::max(big, std::fabs(ws.e[i]));
+      gram(ws.x.data(), m, n, ld, ws.g.data());
+      tridiagonalize(ws.g.data(), n, ld, ws.d.data(), ws.e.data(), ws.v.data(), ws.z.data(),
+                     ws.w.data(), ws.p.data(), ws.c.data(), ws.t.data());
+      // T = Q^T X^T X Q, whose eigenvalues are the squared singular values. Scale it by a power
+      // of four (exactly) to a largest eigenvalue at most one, shift it by a few units of
+      // double rounding so it is safely positive definite, and factor T + shift I = B^T B with
+      // B upper bidiagonal (LDL^T, stable for a definite matrix): the bisection then finds the
+      // singular values of B, sqrt(s^2 + shift), to float precision relative to themselves.
+      double big = 0.0;  // Gershgorin bound of the largest eigenvalue
+      for (int i = 0; i < n; ++i)
+        big = std::max(big, std::fabs(ws.d[i]) + (i + 1 < n ? std::fabs(ws.e[i]) : 0.0) +
+                                (i > 0 ? std::fabs(ws.e[i - 1]) : 0.0));
       if (big == 0.0) {
         ws.status[q] = 1;
         continue;
       }
-      int ex;
-      std::frexp(big, &ex);
+      int ex2;
+      std::frexp(big, &ex2);  // big < 2^ex2
+      const int ex = (ex2 >= 0) ? (ex2 + 1) / 2 : -((-ex2) / 2);  // 4^ex >= 2^ex2
       ws.scale[q] = std::ldexp(1.0, ex);
-      const double inv = std::ldexp(1.0, -ex);
-      float ub = 0.0f;
+      const double inv = std::ldexp(1.0, -2 * ex);
+      const double shift = 4.0 * n * std::numeric_limits<double>::epsilon() * big * inv;
+      ws.shift[q] = shift;
+      double piv = ws.d[0] * inv + shift;
       for (int i = 0; i < n; ++i) {
-        const float di = static_cast<float>(ws.d[i] * inv);
-        const float ei = (i + 1 < n) ? static_cast<float>(ws.e[i] * inv) : 0.0f;
-        const float ep = (i > 0) ? static_cast<float>(ws.e[i - 1] * inv) : 0.0f;
-        d2[i] = di * di;
-        e2[i] = ei * ei;
-        ub = std::max(ub, std::fabs(di) + std::max(std::fabs(ei), std::fabs(ep)));
+        piv = std::max(piv, shift);  // (never needed for a definite matrix)
+        const double ei = (i + 1 < n) ? ws.e[i] * inv : 0.0;
+        const double f = ei * ei / piv;
+        d2[i] = static_cast<float>(piv);
+        e2[i] = static_cast<float>(f);
+        if (i + 1 < n) piv = ws.d[i + 1] * inv + shift - f;
       }
-      ub *= 1.0001f;  // strictly above the largest singular value
+      const float ub = static_cast<float>(std::sqrt(big * inv + shift)) * 1.0001f;
       for (int p = 0; p < per_matrix; ++p) {
         Block& b = ws.blocks[nb++];
         b.d2 = d2;
@@ -501,7 +593,8 @@ void batch_values(const float* in, int64_t count, int r, int c, float* out, Work
           // an interval still reaching down to 0 is below the floor: the value is zero to
           // within ub 2^-60
           const double mid = (b.lo[l] == 0.0f) ? 0.0 : 0.5 * (b.lo[l] + b.hi[l]);
-          if (k < n) s[n - 1 - k] = static_cast<float>(mid * ws.scale[q]);
+          const double s2 = std::max(mid * mid - ws.shift[q], 0.0);
+          if (k < n) s[n - 1 - k] = static_cast<float>(std::sqrt(s2) * ws.scale[q]);
         }
       }
     }

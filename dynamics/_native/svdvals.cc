@@ -315,8 +315,6 @@ struct Block {
   const float* e2;  // squared superdiagonal, e2[n-1] = 0
   vf lo, hi;
   vi index;   // k of each lane; lanes past the matrix's n hold -1 and are done from the start
-  float floor;  // intervals narrower than this are done: ub 2^-60, where squares in float
-                // would leave the normal range
   bool done;
 };
 
@@ -342,7 +340,8 @@ void count(const Block* const* blk, int n, const vf* x, vi* c) {
 }
 
 // One halving of the interval of every lane of the NB blocks; marks the blocks whose every
-// interval is one unit in the last place wide (or below the block's floor) done.
+// interval is one unit in the last place wide done (every value is at least sqrt(shift) > 0,
+// so every interval closes to that).
 template <int NB>
 void halve(Block* const* blk, int n) {
   vf mid[NB], x[NB];
@@ -358,7 +357,7 @@ void halve(Block* const* blk, int n) {
     blk[b]->hi = below ? mid[b] : blk[b]->hi;
     blk[b]->lo = below ? blk[b]->lo : mid[b];
     vf m2 = 0.5f * (blk[b]->lo + blk[b]->hi);
-    vi fin = (m2 == blk[b]->lo) | (m2 == blk[b]->hi) | ((blk[b]->hi - blk[b]->lo) <= blk[b]->floor) |
+    vi fin = (m2 == blk[b]->lo) | (m2 == blk[b]->hi) |
              (blk[b]->index < 0);
     bool done = true;
     for (int l = 0; l < kF; ++l) done &= (fin[l] != 0);
@@ -573,7 +572,6 @@ void batch_values(const float* in, int64_t count, int r, int c, float* out, Work
           b.lo[l] = 0.0f;
           b.hi[l] = ub;
         }
-        b.floor = ub * 0x1p-60f;
         b.done = false;
       }
     }
@@ -590,9 +588,7 @@ void batch_values(const float* in, int64_t count, int r, int c, float* out, Work
         const Block& b = ws.blocks[bi];
         for (int l = 0; l < kF; ++l) {
           int k = p * kF + l;
-          // an interval still reaching down to 0 is below the floor: the value is zero to
-          // within ub 2^-60
-          const double mid = (b.lo[l] == 0.0f) ? 0.0 : 0.5 * (b.lo[l] + b.hi[l]);
+          const double mid = 0.5 * (b.lo[l] + b.hi[l]);
           const double s2 = std::max(mid * mid - ws.shift[q], 0.0);
           if (k < n) s[n - 1 - k] = static_cast<float>(std::sqrt(s2) * ws.scale[q]);
         }

@@ -40,7 +40,7 @@ from dynamics import norms as _norms
 
 Params = list[dict[str, Any]]
 
-INITS = ("gaussian", "uniform", "orthogonal", "frobenius")
+INITS = ("gaussian", "uniform", "pytorch", "orthogonal", "frobenius")
 PARAMETERIZATIONS = ("standard", "ntk")
 WEIGHT_PARAMS = ("plain", "weight", "lagrange")
 ACTIVATIONS: dict[str, Callable] = {
@@ -62,6 +62,16 @@ class Dense(NamedTuple):
     multipliers: tuple[float, ...]
 
 
+class Forward(NamedTuple):
+    """One forward pass: outputs y, penultimate features h (None if the model does not say), and
+    the model state after the pass (train mode updates running statistics; eval mode returns
+    the state it read)."""
+
+    y: jax.Array
+    h: Any
+    state: Any
+
+
 class Model(NamedTuple):
     """A network as pure functions: `init(key) -> params`, `apply(params, x, mask=None) -> y`.
 
@@ -70,12 +80,42 @@ class Model(NamedTuple):
     `dense` describes a plain MLP (`Dense`: no normalization, plain weights), whose training
     gradient a compiled kernel computes on the CPU for the activations it knows
     (`native.dense_eligible`); None for every other network.
+
+    Non-trained state (batch-norm running statistics, a dropout layer's need for a key) is not
+    part of params: `init_state(key) -> state` builds it (None: the model has none) and
+    `forward(params, state, x, mask=None, *, train=True, key=None) -> Forward` runs the model in
+    train mode (batch statistics over the kept examples, running statistics updated, dropout
+    drawn from `key`) or eval mode (running statistics, no dropout), as PyTorch's `model.train()`
+    / `model.eval()`. `apply` is the train-mode output without state. `stochastic`: the train-mode
+    output depends on `key`. Use `models.forward` and `models.init_state`, which also accept
+    models without state.
     """
 
     init: Callable[[jax.Array], Params]
     apply: Callable[..., jax.Array]
     apply_features: Callable[..., tuple[jax.Array, jax.Array]] | None = None
     dense: Dense | None = None
+    init_state: Callable[[jax.Array], Any] | None = None
+    forward: Callable[..., Forward] | None = None
+    stochastic: bool = False
+
+
+def init_state(model: Model, key=None):
+    """The model's initial non-trained state, `()` for a model without one."""
+    if model.init_state is None:
+        return ()
+    return model.init_state(jax.random.key(0) if key is None else key)
+
+
+def forward(model: Model, params, state, x, mask=None, *, train: bool = True, key=None) -> Forward:
+    """`model.forward` where the model has one; otherwise its (stateless, deterministic) apply,
+    which is the same in train and eval mode."""
+    if model.forward is not None:
+        return model.forward(params, state, x, mask, train=train, key=key)
+    if model.apply_features is not None:
+        y, h = model.apply_features(params, x, mask)
+        return Forward(y, h, state)
+    return Forward(model.apply(params, x, mask), None, state)
 
 
 # --------------------------------------------------------------------------- weights
@@ -100,8 +140,32 @@ def layer_weight(p: dict) -> jax.Array:
     raise KeyError(f"no weight in layer with keys {sorted(p)}")
 
 
+def check_params(params) -> None:
+    """params must be a Model's: a list with one dict per weight layer (ValueError otherwise)."""
+    if isinstance(params, list | tuple) and all(isinstance(p, dict) for p in params):
+        return
+    if isinstance(params, dict):
+        hint = (
+            " (a flax variables dict: make the model with dynamics.from_flax or from_nnx, whose "
+            "params are that list)"
+            if "params" in params
+            else ""
+        )
+        raise ValueError(
+            f"params: expected a list with one dict per layer, got a dict with keys "
+            f"{sorted(params)[:5]}{hint}"
+        )
+    shape = getattr(params, "shape", None)
+    what = f"an array of shape {tuple(shape)}" if shape is not None else type(params).__name__
+    raise ValueError(
+        f"params: expected a list with one dict per layer (e.g. [{{'w': W}}] for one matrix W), "
+        f"got {what}"
+    )
+
+
 def layer_weights(params: Params) -> list[jax.Array]:
     """Effective weights of every layer as matrices (out, in * prod(kernel))."""
+    check_params(params)
     out = []
     for p in params:
         w = layer_weight(p)
@@ -129,7 +193,7 @@ def scale_weights(params: Params, s) -> Params:
 def _sample(key, shape, fan_in, init, gain, scale):
     if init == "gaussian":
         return gain / math.sqrt(fan_in) * jax.random.normal(key, shape)
-    if init == "uniform":
+    if init in ("uniform", "pytorch"):
         a = gain * math.sqrt(3.0 / fan_in)
         return jax.random.uniform(key, shape, minval=-a, maxval=a)
     if init == "orthogonal":
@@ -154,12 +218,19 @@ def _check(name, value, allowed):
         raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
 
 
+# kaiming_uniform_(a=sqrt 5), PyTorch's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+PYTORCH_GAIN = 1.0 / math.sqrt(3.0)
+
+
 def _cfg(init, gain, scale, parameterization, weight_param, activation) -> _WeightCfg:
     _check("init", init, INITS)
     _check("parameterization", parameterization, PARAMETERIZATIONS)
     _check("weight_param", weight_param, WEIGHT_PARAMS)
     if gain is None:
-        gain = math.sqrt(2.0) if activation == "relu" else 1.0
+        if init == "pytorch":
+            gain = PYTORCH_GAIN
+        else:
+            gain = math.sqrt(2.0) if activation == "relu" else 1.0
     return _WeightCfg(init, float(gain), float(scale), parameterization, weight_param)
 
 
@@ -177,6 +248,20 @@ def _new_weight(key, shape, cfg: _WeightCfg) -> dict:
         rho = jnp.linalg.norm(w.ravel())
         return {"v": w / rho, "rho": rho}
     return {"w": w}
+
+
+def _new_layer(key, shape, cfg: _WeightCfg, bias: bool) -> dict:
+    """A weight of `shape` (out, in, *kernel) and, with bias, its bias: zeros, or PyTorch's
+    default U(-1/sqrt(fan_in), 1/sqrt(fan_in)) under init="pytorch" (weight and bias then draw
+    from two halves of the key)."""
+    if not bias:
+        return _new_weight(key, shape, cfg)
+    if cfg.init != "pytorch":
+        return {**_new_weight(key, shape, cfg), "b": jnp.zeros((shape[0],))}
+    kw, kb = jax.random.split(key)
+    bound = 1.0 / math.sqrt(math.prod(shape[1:]))
+    b = jax.random.uniform(kb, (shape[0],), minval=-bound, maxval=bound)
+    return {**_new_weight(kw, shape, cfg), "b": b}
 
 
 def _dense(p, x, c):
@@ -214,30 +299,116 @@ def _conv(p, x, c, stride, padding):
     return y
 
 
+NORMS = (None, "batch", "channel", "bias")
+
+
+class _NormCfg(NamedTuple):
+    """How a layer normalizes (see `_apply_norm`): kind None, "batch" (Lp batch norm with running
+    statistics), "channel" (per-example channel norm of `form`), or "bias" (no normalization, a
+    learned per-channel shift: the P4 authors' baseline); affine adds gamma and beta; bias
+    (without affine) a learned shift beta after the normalization."""
+
+    kind: str | None = None
+    bn_p: str = "l2"
+    bn_k: int = 10
+    eps: float = 1e-5
+    affine: bool = False
+    momentum: float = 0.1
+    form: str = "std"
+    bias: bool = False
+
+
+def _norm_cfg(
+    norm,
+    *,
+    bn_p="l2",
+    bn_k=10,
+    eps=1e-5,
+    affine=False,
+    momentum=0.1,
+    form="std",
+    bias=False,
+    allowed=NORMS,
+) -> _NormCfg:
+    _check("norm", norm, allowed)
+    _check("bn_p", bn_p, _norms.BATCH_NORM_KINDS)
+    _check("channel_form", form, _norms.CHANNEL_NORM_FORMS)
+    if not 0 <= momentum <= 1:
+        raise ValueError(f"bn_momentum must lie in [0, 1], got {momentum}")
+    return _NormCfg(norm, bn_p, int(bn_k), float(eps), bool(affine), float(momentum), form, bias)
+
+
 def _affine(p, x):
+    shape = (1, -1) + (1,) * (x.ndim - 2)
     if "gamma" in p:
-        shape = (1, -1) + (1,) * (x.ndim - 2)
-        x = x * p["gamma"].reshape(shape) + p["beta"].reshape(shape)
+        x = x * p["gamma"].reshape(shape)
+    if "beta" in p:
+        x = x + p["beta"].reshape(shape)
     return x
 
 
-NORMS = (None, "batch", "channel")
-
-
-def _normalize(p, x, mask, norm, bn_p, bn_k, eps):
-    if norm is None:
-        return x
-    if norm == "batch":
-        x = _norms.batch_norm(x, mask, p=bn_p, k=bn_k, eps=eps)
-    elif norm == "channel":
-        x = _norms.channel_norm(x, eps=eps)
-    return _affine(p, x)
-
-
-def _norm_params(width, norm, affine):
-    if norm is not None and affine:
+def _norm_params(width, nc: _NormCfg) -> dict:
+    if nc.kind is None:
+        return {}
+    if nc.affine and nc.kind != "bias":
         return {"gamma": jnp.ones((width,)), "beta": jnp.zeros((width,))}
+    if nc.bias or nc.kind == "bias":
+        return {"beta": jnp.zeros((width,))}
     return {}
+
+
+def _norm_state(width, nc: _NormCfg) -> dict:
+    """A layer's running statistics: {"mean", "var"} (l2) or {"mean", "scale"} (l1, linf)."""
+    if nc.kind != "batch":
+        return {}
+    r = _norms.init_running(width)
+    return {"mean": r.mean, ("var" if nc.bn_p == "l2" else "scale"): r.spread}
+
+
+def _apply_norm(p, s, x, mask, nc: _NormCfg, train: bool):
+    """(normalized x, the layer's new state). s: the layer's state dict, or None when the caller
+    keeps no state (train mode without running statistics)."""
+    if nc.kind is None:
+        return x, s
+    if nc.kind == "batch":
+        spread = "var" if nc.bn_p == "l2" else "scale"
+        if train:
+            x, stats = _norms.batch_norm_train(x, mask, p=nc.bn_p, k=nc.bn_k, eps=nc.eps)
+            if s is not None:
+                old = _norms.BatchStats(s["mean"], s[spread])
+                new = _norms.update_running(old, stats, nc.momentum)
+                s = {"mean": new.mean, spread: new.spread}
+        else:
+            x = _norms.batch_norm_eval(
+                x, _norms.BatchStats(s["mean"], s[spread]), p=nc.bn_p, eps=nc.eps
+            )
+    elif nc.kind == "channel":
+        x = _norms.channel_norm(x, eps=nc.eps, form=nc.form)
+    return _affine(p, x), s
+
+
+def _stateful(nc: _NormCfg) -> bool:
+    return nc.kind == "batch"
+
+
+def _model(init_fn, run, init_state_fn=None, dense=None) -> Model:
+    """A Model from `run(params, state, x, mask, train) -> Forward` (state None: not tracked)."""
+
+    def apply_features(params, x, mask=None):
+        f = run(params, None, x, mask, True)
+        return f.y, f.h
+
+    def fwd(params, state, x, mask=None, *, train=True, key=None):
+        return run(params, state, x, mask, train)
+
+    return Model(
+        init_fn,
+        lambda params, x, mask=None: run(params, None, x, mask, True).y,
+        apply_features,
+        dense,
+        init_state_fn,
+        fwd if init_state_fn is not None else None,
+    )
 
 
 # --------------------------------------------------------------------------- MLPs
@@ -253,6 +424,7 @@ def mlp(
     bn_k: int = 10,
     affine: bool = False,
     eps: float = 1e-5,
+    bn_momentum: float = 0.1,
     weight_param: str = "plain",
     init: str = "gaussian",
     gain: float | None = None,
@@ -264,15 +436,28 @@ def mlp(
     widths = (d_in, h_1, ..., d_out) gives len(widths) - 1 weight layers. With bias=False and
     norm=None it is the deep homogeneous ReLU network; with activation="linear" a deep linear
     network. norm: None, "batch" (Lp batch norm over the kept examples, `bn_p` in l2/l1/linf,
-    before the activation as in Xu et al. 2023) on every hidden layer. weight_param: "plain",
-    "weight" (weight norm) or "lagrange" (W = rho V) on every layer. Inputs of more than one
-    feature axis are flattened.
+    before the activation as in Xu et al. 2023 and PyTorch's Linear -> BatchNorm1d -> ReLU) on
+    every hidden layer, with running statistics (PyTorch's momentum `bn_momentum`, unbiased
+    variance) as the model's state for eval mode. weight_param: "plain", "weight" (weight norm)
+    or "lagrange" (W = rho V) on every layer. init="pytorch" is PyTorch's default for nn.Linear:
+    W and b ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)). Inputs of more than one feature axis are
+    flattened.
     """
     widths = tuple(int(w) for w in widths)
     if len(widths) < 2:
         raise ValueError("mlp needs at least (d_in, d_out)")
+    if min(widths) < 1:
+        raise ValueError(f"mlp widths must be positive, got {widths}")
     _check("activation", activation, tuple(ACTIVATIONS))
-    _check("norm", norm, (None, "batch"))
+    nc = _norm_cfg(
+        norm,
+        bn_p=bn_p,
+        bn_k=bn_k,
+        eps=eps,
+        affine=affine,
+        momentum=bn_momentum,
+        allowed=(None, "batch"),
+    )
     cfg = _cfg(init, gain, scale, parameterization, weight_param, activation)
     act = ACTIVATIONS[activation]
     n_layers = len(widths) - 1
@@ -282,29 +467,29 @@ def mlp(
         keys = jax.random.split(key, n_layers)
         params = []
         for i in range(n_layers):
-            p = _new_weight(keys[i], (widths[i + 1], widths[i]), cfg)
-            if bias:
-                p["b"] = jnp.zeros((widths[i + 1],))
+            p = _new_layer(keys[i], (widths[i + 1], widths[i]), cfg, bias)
             if i < n_layers - 1:
-                p.update(_norm_params(widths[i + 1], norm, affine))
+                p.update(_norm_params(widths[i + 1], nc))
             params.append(p)
         return params
 
-    def apply_features(params, x, mask=None):
+    def init_state_fn(key):
+        return [_norm_state(widths[i + 1], nc) for i in range(n_layers - 1)] + [{}]
+
+    def run(params, state, x, mask, train):
         h = x.reshape(x.shape[0], -1)
+        new = []
         for i in range(n_layers - 1):
             h = _dense(params[i], h, mults[i])
-            h = act(_normalize(params[i], h, mask, norm, bn_p, bn_k, eps))
-        return _dense(params[-1], h, mults[-1]), h
+            h, s = _apply_norm(params[i], None if state is None else state[i], h, mask, nc, train)
+            new.append(s)
+            h = act(h)
+        y = _dense(params[-1], h, mults[-1])
+        return Forward(y, h, None if state is None else new + [state[-1]])
 
     plain = norm is None and weight_param == "plain"
     dense = Dense(widths, activation, bias, tuple(mults)) if plain else None
-    return Model(
-        init_fn,
-        lambda params, x, mask=None: apply_features(params, x, mask)[0],
-        apply_features,
-        dense,
-    )
+    return _model(init_fn, run, init_state_fn if _stateful(nc) else None, dense)
 
 
 def deep_linear(widths: Sequence[int], **kwargs) -> Model:
@@ -314,6 +499,12 @@ def deep_linear(widths: Sequence[int], **kwargs) -> Model:
 
 # --------------------------------------------------------------------------- convolutions
 
+HEADS = (None, "sigmoid", "linear")
+
+
+def _head_layer(key, channels_in, channels_out, dim, cfg, bias) -> dict:
+    return _new_layer(key, (channels_out, channels_in) + (1,) * dim, cfg, bias)
+
 
 def linear_conv1d(
     depth: int,
@@ -322,6 +513,12 @@ def linear_conv1d(
     channels: int = 1,
     padding: str = "circular",
     norm: str | None = None,
+    channel_form: str = "std",
+    norm_bias: bool = False,
+    bias: bool = False,
+    head: str | None = None,
+    head_bias: bool = True,
+    out_channels: int | None = None,
     eps: float = 1e-5,
     init: str = "gaussian",
     gain: float | None = None,
@@ -331,29 +528,51 @@ def linear_conv1d(
 ) -> Model:
     """Deep linear 1-D convolutional network (Dai & Heckel 2019, section 4).
 
-    x_0 = x, x_k = N(w_k * x_{k-1}) for k < depth, y = w_depth * x_{depth-1}, with * the
-    convolution of `kernel` taps (circular padding keeps the length), no bias and `channels`
-    channels throughout (1: the single-channel network). norm: None or "channel".
-    x: (batch, channels, n) -> y: (batch, channels, n).
+    Without a head (head=None): x_0 = x, x_k = N(w_k * x_{k-1} + b_k) for k < depth,
+    y = w_depth * x_{depth-1} + b_depth. With head="sigmoid" (or "linear"), the authors' network
+    (MLI-lab/channel_normalization, include/onedim.py): depth blocks x_k = N(w_k * x_{k-1} + b_k),
+    then y = sigmoid(w_o x_depth + b_o) with a 1x1 convolution w_o to `out_channels` (default
+    `channels`) with bias (head_bias). * is the convolution of `kernel` taps (circular padding
+    keeps the length); b_k only with bias=True. N: None, "channel" (channel norm of
+    `channel_form`, see `norms.channel_norm`; norm_bias adds a learned per-channel shift, as
+    the authors' does) or "bias" (no normalization, a learned per-channel shift: the authors'
+    baseline). x: (batch, channels, n) -> y: (batch, out_channels, n).
     """
-    _check("norm", norm, (None, "channel"))
+    if depth < 1:
+        raise ValueError(f"depth must be at least 1, got {depth}")
     _check("padding", padding, ("circular", "zero"))
+    _check("head", head, HEADS)
+    nc = _norm_cfg(
+        norm, eps=eps, form=channel_form, bias=norm_bias, allowed=(None, "channel", "bias")
+    )
     cfg = _cfg(init, gain, scale, parameterization, weight_param, "linear")
     c = _multiplier(cfg, channels * kernel)
+    c_out = out_channels or channels
+    c_head = _multiplier(cfg, channels)
+    n_blocks = depth if head else depth - 1
 
     def init_fn(key):
-        keys = jax.random.split(key, depth)
-        return [_new_weight(k, (channels, channels, kernel), cfg) for k in keys]
+        keys = jax.random.split(key, depth + (1 if head else 0))
+        params = []
+        for i in range(depth):
+            p = _new_layer(keys[i], (channels, channels, kernel), cfg, bias)
+            if i < n_blocks:
+                p.update(_norm_params(channels, nc))
+            params.append(p)
+        if head:
+            params.append(_head_layer(keys[-1], channels, c_out, 1, cfg, head_bias))
+        return params
 
-    def apply_features(params, x, mask=None):
+    def run(params, state, x, mask, train):
         h = x
-        for i in range(depth - 1):
-            h = _normalize(params[i], _conv(params[i], h, c, 1, padding), mask, norm, "l2", 1, eps)
-        return _conv(params[-1], h, c, 1, padding), h
+        for i in range(n_blocks):
+            h, _ = _apply_norm(params[i], None, _conv(params[i], h, c, 1, padding), mask, nc, train)
+        if not head:
+            return Forward(_conv(params[-1], h, c, 1, padding), h, state)
+        y = _conv(params[-1], h, c_head, 1, padding)
+        return Forward(jax.nn.sigmoid(y) if head == "sigmoid" else y, h, state)
 
-    return Model(
-        init_fn, lambda params, x, mask=None: apply_features(params, x, mask)[0], apply_features
-    )
+    return _model(init_fn, run)
 
 
 def deep_decoder(
@@ -366,9 +585,15 @@ def deep_decoder(
     dim: int = 1,
     upsample: int = 1,
     upsample_method: str = "linear",
+    upsample_last: bool = True,
     norm: str | None = "channel",
+    channel_form: str = "std",
+    norm_bias: bool = False,
     affine: bool = False,
+    bias: bool = False,
+    head_bias: bool = False,
     eps: float = 1e-5,
+    bn_momentum: float = 0.1,
     padding: str = "circular",
     output: str = "sigmoid",
     init: str = "gaussian",
@@ -378,15 +603,20 @@ def deep_decoder(
 ) -> Model:
     """Deep-decoder generator (Heckel & Hand 2019; Dai & Heckel 2019).
 
-    depth blocks  x_k = N(relu(w_k * U(x_{k-1})))  (U: upsampling by `upsample` per spatial
-    axis, identity when 1; * a `kernel`-tap convolution, 1x1 by default; N: channel norm,
-    batch norm or none), then y = out(w_out * x_depth) with a 1x1 convolution to
-    `out_channels` and out = sigmoid (or identity for output="linear"). No biases.
+    depth blocks  x_k = N(relu(w_k * U(x_{k-1}) + b_k))  (U: upsampling by `upsample` per
+    spatial axis, identity when 1 and, with upsample_last=False, in the last block; * a
+    `kernel`-tap convolution, 1x1 by default; b_k with bias=True; N: "channel" (channel norm of
+    `channel_form`; norm_bias: a learned shift), "batch" (batch norm with running statistics:
+    over one image it is channel norm with form "var"), "bias" (a learned shift only) or None;
+    affine adds gamma and beta), then y = out(w_out * x_depth + b_out) with a 1x1 convolution to
+    `out_channels` (b_out with head_bias) and out = sigmoid (or identity for output="linear").
     x: (batch, in_channels, *spatial) with `dim` spatial axes -> y: (batch, out_channels, ...).
     """
-    _check("norm", norm, NORMS)
     _check("output", output, ("sigmoid", "linear"))
     _check("padding", padding, ("circular", "zero"))
+    nc = _norm_cfg(
+        norm, eps=eps, affine=affine, momentum=bn_momentum, form=channel_form, bias=norm_bias
+    )
     in_channels = channels if in_channels is None else in_channels
     cfg = _cfg(init, gain, scale, parameterization, "plain", "relu")
     ks = (kernel,) * dim
@@ -399,29 +629,34 @@ def deep_decoder(
         params = []
         for i in range(depth):
             cin = in_channels if i == 0 else channels
-            p = _new_weight(keys[i], (channels, cin) + ks, cfg)
-            p.update(_norm_params(channels, norm, affine))
+            p = _new_layer(keys[i], (channels, cin) + ks, cfg, bias)
+            p.update(_norm_params(channels, nc))
             params.append(p)
-        params.append(_new_weight(keys[-1], (out_channels, channels) + (1,) * dim, cfg))
+        params.append(_head_layer(keys[-1], channels, out_channels, dim, cfg, head_bias))
         return params
 
-    def up(h):
-        if upsample == 1:
+    def init_state_fn(key):
+        return [_norm_state(channels, nc) for _ in range(depth)] + [{}]
+
+    def up(h, i):
+        if upsample == 1 or (not upsample_last and i == depth - 1):
             return h
         shape = h.shape[:2] + tuple(s * upsample for s in h.shape[2:])
         return jax.image.resize(h, shape, method=upsample_method)
 
-    def apply_features(params, x, mask=None):
+    def run(params, state, x, mask, train):
         h = x
+        new = []
         for i in range(depth):
-            h = _conv(params[i], up(h), c_in if i == 0 else c_mid, 1, padding)
-            h = _normalize(params[i], jax.nn.relu(h), mask, norm, "l2", 1, eps)
+            h = _conv(params[i], up(h, i), c_in if i == 0 else c_mid, 1, padding)
+            s = None if state is None else state[i]
+            h, s = _apply_norm(params[i], s, jax.nn.relu(h), mask, nc, train)
+            new.append(s)
         y = _conv(params[-1], h, c_out, 1, padding)
-        return (jax.nn.sigmoid(y) if output == "sigmoid" else y), h
+        y = jax.nn.sigmoid(y) if output == "sigmoid" else y
+        return Forward(y, h, None if state is None else new + [state[-1]])
 
-    return Model(
-        init_fn, lambda params, x, mask=None: apply_features(params, x, mask)[0], apply_features
-    )
+    return _model(init_fn, run, init_state_fn if _stateful(nc) else None)
 
 
 def cnn(
@@ -437,6 +672,7 @@ def cnn(
     bn_p: str = "l2",
     affine: bool = False,
     eps: float = 1e-5,
+    bn_momentum: float = 0.1,
     pool: str | None = None,
     bias: bool = False,
     init: str = "gaussian",
@@ -450,32 +686,40 @@ def cnn(
     x_k = act(N(w_k * x_{k-1} + b_k)) for each entry of `channels` (stride `stride`, padding
     "zero", "circular" or "valid"), h = flatten(x_K) (or its global mean over space with
     pool="avg"), y = W h + b. in_shape = (C, L) or (C, H, W), without the batch axis.
+    norm="batch" keeps running statistics as the model's state (eval mode), as `mlp` does.
     """
     in_shape = tuple(int(s) for s in in_shape)
     dim = len(in_shape) - 1
     if dim not in (1, 2):
         raise ValueError(f"cnn in_shape must be (C, L) or (C, H, W), got {in_shape}")
     _check("padding", padding, ("zero", "circular", "valid"))
-    _check("norm", norm, NORMS)
     _check("pool", pool, (None, "avg"))
     _check("activation", activation, tuple(ACTIVATIONS))
+    nc = _norm_cfg(norm, bn_p=bn_p, eps=eps, affine=affine, momentum=bn_momentum)
     cfg = _cfg(init, gain, scale, parameterization, weight_param, activation)
     act = ACTIVATIONS[activation]
     chans = (in_shape[0],) + tuple(int(c) for c in channels)
     ks = (kernel,) * dim
     mults = [_multiplier(cfg, chans[i] * kernel**dim) for i in range(len(channels))]
 
-    def conv_stack(params, x, mask):
+    def conv_stack(params, state, x, mask, train):
         h = x
+        new = []
         for i in range(len(channels)):
             h = _conv(params[i], h, mults[i], stride, padding)
-            h = act(_normalize(params[i], h, mask, norm, bn_p, 10, eps))
-        return jnp.mean(h, axis=tuple(range(2, h.ndim))) if pool else h.reshape(h.shape[0], -1)
+            s = None if state is None else state[i]
+            h, s = _apply_norm(params[i], s, h, mask, nc, train)
+            new.append(s)
+            h = act(h)
+        h = jnp.mean(h, axis=tuple(range(2, h.ndim))) if pool else h.reshape(h.shape[0], -1)
+        return h, new
 
     def stub_params():
         return [{"w": jnp.zeros((chans[i + 1], chans[i]) + ks)} for i in range(len(channels))]
 
-    feat = jax.eval_shape(lambda: conv_stack(stub_params(), jnp.zeros((1,) + in_shape), None))
+    feat = jax.eval_shape(
+        lambda: conv_stack(stub_params(), None, jnp.zeros((1,) + in_shape), None, True)[0]
+    )
     n_feat = feat.shape[1]
     c_last = _multiplier(cfg, n_feat)
 
@@ -483,24 +727,21 @@ def cnn(
         keys = jax.random.split(key, len(channels) + 1)
         params = []
         for i in range(len(channels)):
-            p = _new_weight(keys[i], (chans[i + 1], chans[i]) + ks, cfg)
-            if bias:
-                p["b"] = jnp.zeros((chans[i + 1],))
-            p.update(_norm_params(chans[i + 1], norm, affine))
+            p = _new_layer(keys[i], (chans[i + 1], chans[i]) + ks, cfg, bias)
+            p.update(_norm_params(chans[i + 1], nc))
             params.append(p)
-        p = _new_weight(keys[-1], (num_outputs, n_feat), cfg)
-        if bias:
-            p["b"] = jnp.zeros((num_outputs,))
-        params.append(p)
+        params.append(_new_layer(keys[-1], (num_outputs, n_feat), cfg, bias))
         return params
 
-    def apply_features(params, x, mask=None):
-        h = conv_stack(params, x.reshape((x.shape[0],) + in_shape), mask)
-        return _dense(params[-1], h, c_last), h
+    def init_state_fn(key):
+        return [_norm_state(chans[i + 1], nc) for i in range(len(channels))] + [{}]
 
-    return Model(
-        init_fn, lambda params, x, mask=None: apply_features(params, x, mask)[0], apply_features
-    )
+    def run(params, state, x, mask, train):
+        h, new = conv_stack(params, state, x.reshape((x.shape[0],) + in_shape), mask, train)
+        y = _dense(params[-1], h, c_last)
+        return Forward(y, h, None if state is None else new + [state[-1]])
+
+    return _model(init_fn, run, init_state_fn if _stateful(nc) else None)
 
 
 def resnet_one_neuron(

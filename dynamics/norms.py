@@ -8,6 +8,7 @@ padded batch gives exactly the statistics of its unpadded part.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +30,15 @@ def _masked_moments(x, mask):
     return mu, m, count, axes
 
 
+class BatchStats(NamedTuple):
+    """Per-feature statistics of one batch-norm call: the mean mu and the divisor's statistic
+    (l2: the unbiased variance of the kept values, as PyTorch's running_var tracks it; l1 /
+    linf: the divisor itself, sqrt(pi/2) mean|d| or c_n mean(top_k |d|))."""
+
+    mean: jax.Array
+    spread: jax.Array
+
+
 def batch_norm(x, mask=None, p: str = "l2", k: int = 10, eps: float = 1e-5):
     """Lp batch normalization over the kept examples of a batch (Hoffer et al., 2018).
 
@@ -45,16 +55,23 @@ def batch_norm(x, mask=None, p: str = "l2", k: int = 10, eps: float = 1e-5):
 
     x: (batch, features) or (batch, channels, *spatial). Returns an array of x's shape.
     """
+    return batch_norm_train(x, mask, p, k, eps)[0]
+
+
+def batch_norm_train(x, mask=None, p: str = "l2", k: int = 10, eps: float = 1e-5):
+    """`batch_norm` in train mode, also returning the batch's `BatchStats` (each (features,)),
+    from which `update_running` forms the running statistics that eval mode uses."""
     if p not in BATCH_NORM_KINDS:
         raise ValueError(f"batch_norm p must be one of {BATCH_NORM_KINDS}, got {p!r}")
     mu, m, count, axes = _masked_moments(x, mask)
     d = x - mu
     if p == "l2":
-        scale = jnp.sqrt(jnp.sum(m * d**2, axis=axes, keepdims=True) / count + eps)
-        return d / scale
+        var = jnp.sum(m * d**2, axis=axes, keepdims=True) / count
+        unbiased = var * count / jnp.maximum(count - 1, 1)
+        return d / jnp.sqrt(var + eps), BatchStats(mu.reshape(-1), unbiased.reshape(-1))
     if p == "l1":
         scale = math.sqrt(math.pi / 2) * jnp.sum(m * jnp.abs(d), axis=axes, keepdims=True) / count
-        return d / (scale + eps)
+        return d / (scale + eps), BatchStats(mu.reshape(-1), scale.reshape(-1))
     # linf / top-k: pool every value of a feature into one axis, zero the dropped examples
     # (their |d| >= 0 can only fall below the kept ones' when they are zero), take the top k.
     a = jnp.abs(d) * m
@@ -68,21 +85,64 @@ def batch_norm(x, mask=None, p: str = "l2", k: int = 10, eps: float = 1e-5):
         2 * jnp.sqrt(2 * jnp.log(jnp.maximum(count, 2.0)))
     )
     scale = (c_n * mean_top).reshape((1, c) + (1,) * (x.ndim - 2))
-    return d / (scale + eps)
+    return d / (scale + eps), BatchStats(mu.reshape(-1), scale.reshape(-1))
 
 
-def channel_norm(x, eps: float = 1e-5, bias=None):
+def batch_norm_eval(x, running: BatchStats, p: str = "l2", eps: float = 1e-5):
+    """Batch norm in eval mode: the running statistics in place of the batch's, as PyTorch's
+    `model.eval()`: l2 x_hat = (x - mean) / sqrt(var + eps); l1 / linf (x - mean) / (scale + eps)."""
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    d = x - running.mean.reshape(shape)
+    if p == "l2":
+        return d / jnp.sqrt(running.spread.reshape(shape) + eps)
+    return d / (running.spread.reshape(shape) + eps)
+
+
+def init_running(features: int) -> BatchStats:
+    """PyTorch's initial running statistics: mean 0, variance (or scale) 1."""
+    return BatchStats(jnp.zeros((features,)), jnp.ones((features,)))
+
+
+def update_running(running: BatchStats, batch: BatchStats, momentum) -> BatchStats:
+    """Exponential running averages as PyTorch's BatchNorm updates them in train mode:
+    r <- (1 - momentum) r + momentum s, with s the batch's mean and unbiased variance (or
+    scale). momentum 0.1 is PyTorch's default."""
+    return BatchStats(
+        (1 - momentum) * running.mean + momentum * jax.lax.stop_gradient(batch.mean),
+        (1 - momentum) * running.spread + momentum * jax.lax.stop_gradient(batch.spread),
+    )
+
+
+CHANNEL_NORM_FORMS = ("std", "var", "var_unbiased")
+
+
+def channel_norm(x, eps: float = 1e-5, bias=None, form: str = "std"):
     """Channel normalization of each example (Dai & Heckel, 2019).
 
-    Each channel of each example is centred and divided by its standard deviation over
-    space plus eps:  x_hat[b, c] = (x[b, c] - mean_s x[b, c]) / (std_s x[b, c] + eps) (+ bias[c]).
-    x: (batch, channels, *spatial). No statistic mixes examples, so no mask is needed.
+    Each channel of each example is centred and divided by its spread over space, then shifted
+    by an optional per-channel bias. With d = x[b, c] - mean_s x[b, c] and n spatial positions:
+      form="std":          x_hat = d / (sqrt(mean_s d^2) + eps)
+      form="var":          x_hat = d / sqrt(mean_s d^2 + eps)          (PyTorch's BatchNorm on one
+                                                                         example: P5's decoders)
+      form="var_unbiased": x_hat = d / sqrt(sum_s d^2 / (n - 1) + eps)  (the P4 authors' channel
+                                                                         norm, MLI-lab/channel_normalization)
+    (+ bias[c]). With eps inside the square root a nearly constant channel is amplified by at
+    most 1/sqrt(eps); with eps outside by up to 1/eps. x: (batch, channels, *spatial). No
+    statistic mixes examples, so no mask is needed.
     """
+    if form not in CHANNEL_NORM_FORMS:
+        raise ValueError(f"channel_norm form must be one of {CHANNEL_NORM_FORMS}, got {form!r}")
     axes = tuple(range(2, x.ndim))
     mu = jnp.mean(x, axis=axes, keepdims=True)
     d = x - mu
-    sd = jnp.sqrt(jnp.mean(d**2, axis=axes, keepdims=True))
-    out = d / (sd + eps)
+    if form == "std":
+        sd = jnp.sqrt(jnp.mean(d**2, axis=axes, keepdims=True))
+        out = d / (sd + eps)
+    elif form == "var":
+        out = d / jnp.sqrt(jnp.mean(d**2, axis=axes, keepdims=True) + eps)
+    else:
+        n = math.prod(x.shape[2:])
+        out = d / jnp.sqrt(jnp.sum(d**2, axis=axes, keepdims=True) / max(n - 1, 1) + eps)
     if bias is not None:
         out = out + bias.reshape((1, -1) + (1,) * (x.ndim - 2))
     return out

@@ -8,6 +8,12 @@ gradient of the loss it used, without the weight-decay term, evaluated at the pa
 the step. Everything a sweep varies lives in `hp` (`Hparams`, traced arrays); factory arguments
 (the momentum form, the weight-decay convention, solver tolerances) are static.
 
+A loss function is `loss_fn(params, batch) -> loss`, or, for a model with non-trained state
+(batch-norm running statistics) or randomness (dropout), `loss_fn(params, batch) -> (loss,
+new_model_state)` reading the current state from `batch.model_state` and its PRNG key from
+`batch.key`. Steppers differentiate either form through `loss_and_grad` and hand the new model
+state back in `info.model_state`; the state is never differentiated nor decayed.
+
 Notation: w the parameters, g = grad L(w) on the batch, lr = hp.lr, wd = hp.weight_decay,
 mu = hp.momentum.
 """
@@ -44,18 +50,24 @@ HPARAM_FIELDS = Hparams._fields
 
 class Batch(NamedTuple):
     """x: (B, ...) inputs; y: (B,) labels or (B, ...) targets; weights: (B,) summing to one over
-    the kept examples and zero on padding. mask is `weights > 0`."""
+    the kept examples and zero on padding. mask is `weights > 0`. model_state: the model's
+    non-trained state before the step (`()` for a stateless model); key: a PRNG key for the
+    model's randomness at this step (dropout), or None."""
 
     x: jax.Array
     y: jax.Array
     weights: jax.Array
+    model_state: Any = ()
+    key: Any = None
 
 
 class StepInfo(NamedTuple):
-    """What a step reports: the batch loss and the gradient it used, both at the old params."""
+    """What a step reports: the batch loss and the gradient it used, both at the old params, and
+    the model state the step's forward pass left (running statistics; `()` when stateless)."""
 
     loss: jax.Array
     grads: Any
+    model_state: Any = ()
 
 
 class TrainState(NamedTuple):
@@ -73,7 +85,31 @@ class Stepper(NamedTuple):
     step_fn: Callable[[Any, Batch, Hparams], tuple[Any, StepInfo]]
 
 
-LossFn = Callable[[Any, Batch], jax.Array]
+LossFn = Callable[[Any, Batch], Any]
+
+
+def _with_state(loss_fn: LossFn, batch: Batch):
+    def f(params):
+        out = loss_fn(params, batch)
+        if isinstance(out, tuple):
+            loss, state = out
+            return loss, state
+        return out, batch.model_state
+
+    return f
+
+
+def loss_and_grad(loss_fn: LossFn, params, batch: Batch):
+    """(loss, grads, model_state) of a loss function of either form (see the module docstring):
+    the gradient with respect to params only; model_state is the forward pass's new state, or
+    batch.model_state unchanged for a stateless loss."""
+    (loss, state), grads = jax.value_and_grad(_with_state(loss_fn, batch), has_aux=True)(params)
+    return loss, grads, state
+
+
+def loss_value(loss_fn: LossFn, params, batch: Batch) -> jax.Array:
+    """The loss alone, of a loss function of either form."""
+    return _with_state(loss_fn, batch)(params)[0]
 
 
 def optax_stepper(
@@ -89,10 +125,10 @@ def optax_stepper(
         return TrainState(params, make_tx(Hparams()).init(params))
 
     def step_fn(state, batch, hp):
-        loss, grads = jax.value_and_grad(loss_fn)(state.params, batch)
+        loss, grads, model_state = loss_and_grad(loss_fn, state.params, batch)
         updates, opt_state = make_tx(hp).update(grads, state.opt_state, state.params)
         return TrainState(optax.apply_updates(state.params, updates), opt_state), StepInfo(
-            loss, grads
+            loss, grads, model_state
         )
 
     return Stepper(init_fn, step_fn)
@@ -228,10 +264,10 @@ def normalized_gd(loss_fn: LossFn) -> Stepper:
         return TrainState(params, ())
 
     def step_fn(state, batch, hp):
-        loss, grads = jax.value_and_grad(loss_fn)(state.params, batch)
+        loss, grads, model_state = loss_and_grad(loss_fn, state.params, batch)
         d = _normalized_direction(state.params, grads, hp.weight_decay)
         params = jax.tree.map(lambda w, u: w - hp.lr * u, state.params, d)
-        return TrainState(_renormalize(params), ()), StepInfo(loss, grads)
+        return TrainState(_renormalize(params), ()), StepInfo(loss, grads, model_state)
 
     return Stepper(init_fn, step_fn)
 
@@ -267,10 +303,12 @@ def gradient_flow(
         return FlowState(params, jnp.zeros((), jnp.float32))
 
     def step_fn(state, batch, hp):
-        loss, grads = jax.value_and_grad(loss_fn)(state.params, batch)
+        # A model's state (running statistics) follows the step's forward pass at the interval's
+        # start; the flow itself sees the batch in train mode, whose output does not read it.
+        loss, grads, model_state = loss_and_grad(loss_fn, state.params, batch)
 
         def field(t, w, args):
-            g = jax.grad(loss_fn)(w, batch)
+            g = jax.grad(lambda p: loss_value(loss_fn, p, batch))(w)
             if normalized:
                 d = _normalized_direction(w, g, hp.weight_decay)
             else:
@@ -293,6 +331,6 @@ def gradient_flow(
         params = jax.tree.map(lambda y: jnp.where(ok, y[-1], jnp.nan), sol.ys)
         if normalized:
             params = _renormalize(params)
-        return FlowState(params, state.t + hp.lr), StepInfo(loss, grads)
+        return FlowState(params, state.t + hp.lr), StepInfo(loss, grads, model_state)
 
     return Stepper(init_fn, step_fn)

@@ -4,16 +4,20 @@ Models, step functions and observables as pure functions; `make_run(spec)` turns
 run into one pure function `run(hp, key) -> trace` that vmaps over whole grids.
 """
 
-from dynamics import data, losses, models, norms, observables, steps, train
+from dynamics import data, losses, models, norms, observables, recording, schedules, steps, train
+from dynamics.cache import enable_compilation_cache
 from dynamics.data import Dataset
 from dynamics.losses import accuracy, cross_entropy, measurement_loss, square_loss
 from dynamics.models import (
+    Forward,
     Model,
     cnn,
     deep_decoder,
     deep_linear,
+    forward,
     from_flax,
     from_nnx,
+    init_state,
     layer_weight,
     layer_weights,
     linear_conv1d,
@@ -32,11 +36,14 @@ from dynamics.observables import (
     neural_collapse,
     numerical_rank,
     rho,
+    rho_eff,
     sharpness,
     singular_values,
     stable_rank,
     update_sizes,
 )
+from dynamics.recording import Observable, RecordContext, StepContext
+from dynamics.schedules import constant, cosine, step_decay, warmup
 from dynamics.steps import (
     Batch,
     Hparams,
@@ -51,8 +58,10 @@ from dynamics.steps import (
 )
 from dynamics.train import (
     OBSERVABLES,
+    STATUS,
     RunData,
     RunSpec,
+    RunState,
     describe,
     hparams,
     make_loss_fn,
@@ -67,19 +76,25 @@ __all__ = [
     "models",
     "norms",
     "observables",
+    "recording",
+    "schedules",
     "steps",
     "train",
+    "enable_compilation_cache",
     "Dataset",
     "accuracy",
     "cross_entropy",
     "measurement_loss",
     "square_loss",
+    "Forward",
     "Model",
     "cnn",
     "deep_decoder",
     "deep_linear",
     "from_flax",
+    "forward",
     "from_nnx",
+    "init_state",
     "layer_weight",
     "layer_weights",
     "linear_conv1d",
@@ -100,6 +115,7 @@ __all__ = [
     "neural_collapse",
     "numerical_rank",
     "rho",
+    "rho_eff",
     "sharpness",
     "singular_values",
     "stable_rank",
@@ -114,9 +130,18 @@ __all__ = [
     "normalized_gd",
     "optax_stepper",
     "sgd",
+    "Observable",
+    "RecordContext",
+    "StepContext",
+    "constant",
+    "cosine",
+    "step_decay",
+    "warmup",
     "OBSERVABLES",
+    "STATUS",
     "RunData",
     "RunSpec",
+    "RunState",
     "describe",
     "hparams",
     "make_loss_fn",

@@ -79,5 +79,18 @@ LOSSES: dict[str, Callable] = {"square": square_loss, "cross_entropy": cross_ent
 
 
 def resolve(loss: str | Callable) -> Callable:
-    """A loss by name (`LOSSES`) or as given."""
-    return LOSSES[loss] if isinstance(loss, str) else loss
+    """A loss by name (`LOSSES`) or as given; an unknown name raises ValueError listing them."""
+    if isinstance(loss, str):
+        if loss not in LOSSES:
+            import difflib
+
+            hint = difflib.get_close_matches(loss, list(LOSSES), n=1)
+            extra = f" (did you mean {hint[0]!r}?)" if hint else ""
+            raise ValueError(
+                f"loss: unknown loss {loss!r}{extra}; known: {', '.join(LOSSES)}, or a callable "
+                "loss(pred, target, weights)"
+            )
+        return LOSSES[loss]
+    if not callable(loss):
+        raise ValueError(f"loss: expected a name in {tuple(LOSSES)} or a callable, got {loss!r}")
+    return loss

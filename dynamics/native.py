@@ -121,7 +121,17 @@ def _load() -> None:
     ).hexdigest()[:20]
     path = library_dir() / f"svdvals-{key}.so"
     if not path.exists():
+        import sys
+        import time
+
+        t0 = time.perf_counter()
+        sys.stderr.write(
+            f"dynamics: building the compiled CPU kernels into {path.parent} (once per machine "
+            "and jaxlib version; DYNAMICS_NATIVE=0 skips them)...\n"
+        )
+        sys.stderr.flush()
         _build(cxx, include, path)
+        sys.stderr.write(f"dynamics: kernels built in {time.perf_counter() - t0:.0f} s\n")
     lib = ctypes.CDLL(str(path))
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.DynamicsSvdvals), platform="cpu")
     jax.ffi.register_ffi_target(

@@ -39,12 +39,9 @@ ACCELERATOR_CHUNK_CAP = 16384
 
 
 def cache_dir() -> str | None:
-    if os.environ.get("DYNAMICS_NO_CACHE"):
-        return None
-    base = os.environ.get("DYNAMICS_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "dynamics", "jax"
-    )
-    return base
+    from dynamics.cache import cache_dir as _dir
+
+    return _dir()
 
 
 def default_cpu_devices() -> int:
@@ -75,11 +72,9 @@ def configure_jax(cpu_devices: int | None = None) -> None:
             raise SpecError(
                 f"--devices: JAX has already started with {jax.local_device_count()} devices"
             ) from None
-    path = cache_dir()
-    if path:
-        jax.config.update("jax_compilation_cache_dir", path)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    from dynamics.cache import enable_compilation_cache
+
+    enable_compilation_cache()
 
 
 @dataclasses.dataclass
@@ -141,9 +136,11 @@ class Plan:
     chunks: list[Chunk]
     n_layers: int
     n_sv: int
-    steps: np.ndarray
+    steps: np.ndarray  # the record coordinate: steps, or epochs when the length is in epochs
     dims: dict[str, tuple[str, ...]]  # variable -> dims beyond the grid axes
     docs: dict[str, str]
+    record_axis: str = "step"
+    sizes: dict[str, int] = dataclasses.field(default_factory=dict)  # every non-grid dimension
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -166,6 +163,14 @@ def choose_strategy(res: Resolved, specs) -> str:
     (the reference grid: 4-9% more run time than bucketing) while the sweep compiles one program
     instead of one per batch size (cold compile 32.5 s -> 7.5-9.4 s there). So "auto" masks with
     one batch size, full-batch sampling or that kernel, and buckets otherwise."""
+    epochs = specs[0][1].epochs is not None and specs[0][1].sampling != "full"
+    if epochs and len(res.grid["batch_size"]) > 1:
+        if res.batch_strategy == "mask":
+            raise SpecError(
+                "batch_strategy: 'mask' cannot train several batch sizes for the same number of "
+                "epochs (each takes its own number of steps); use 'auto' or 'bucket'"
+            )
+        return "bucket"
     if res.batch_strategy != "auto":
         return res.batch_strategy
     if len(res.grid["batch_size"]) == 1 or specs[0][1].sampling == "full":
@@ -245,7 +250,7 @@ def _block_shape(
 def plan(
     res: Resolved, specs: list, chunk_runs: int | None = None, layout: dict | None = None
 ) -> Plan:
-    from dynamics.train import OBSERVABLES, describe
+    from dynamics.train import describe, docs
 
     strategy = layout["strategy"] if layout else choose_strategy(res, specs)
     static_axes = res.static_axes
@@ -253,9 +258,11 @@ def plan(
     axes = static_axes + grid_axes
     coords = {**res.static, **res.grid}
     observables = specs[0][1].observables
-    steps = specs[0][1].record_steps()
+    steps = specs[0][1].record_coords()
+    record_axis = specs[0][1].record_axis
     for _, s in specs[1:]:
-        if s.observables != observables or not np.array_equal(s.record_steps(), steps):
+        same = s.record_axis == record_axis and np.array_equal(s.record_coords(), steps)
+        if s.observables != observables or not same:
             raise SpecError("static: every static point must record the same observables and steps")
 
     groups: list[Group] = []
@@ -281,7 +288,8 @@ def plan(
         n_layers = max(n_layers, len(shapes))
         n_sv = max(n_sv, obs.max_singular_values(shapes))
     dims = describe(groups[0].spec)
-    sizes = {"step": len(steps), "layer": n_layers, "sv_index": n_sv}
+    sizes = {record_axis: len(steps), "layer": n_layers, "sv_index": n_sv}
+    sizes.update(_user_dim_sizes(groups, dims, sizes))
     trace_floats = sum(math.prod(sizes[d] for d in dd) for dd in dims.values())
 
     shape = {a: len(coords[a]) for a in axes}
@@ -308,14 +316,44 @@ def plan(
                 ranges.append([slice(i, min(i + b, n)) for i in range(0, n, b)])
         for region in itertools.product(*ranges):
             chunks.append(Chunk(len(chunks), gi, tuple(region)))
-    docs = {n: OBSERVABLES[n].doc for n in dims if n in OBSERVABLES}
-    docs.update(
-        status="-1 not run, 0 finished, 1 diverged",
-        diverged_step="step whose loss or update was non-finite; -1 if none",
-    )
+    all_docs = docs(groups[0].spec)
     return Plan(
-        res, axes, coords, strategy, groups, block, chunks, n_layers, n_sv, steps, dims, docs
+        res,
+        axes,
+        coords,
+        strategy,
+        groups,
+        block,
+        chunks,
+        n_layers,
+        n_sv,
+        steps,
+        dims,
+        {n: all_docs.get(n, "") for n in dims},
+        record_axis,
+        sizes,
     )
+
+
+def _user_dim_sizes(groups, dims, known: dict) -> dict[str, int]:
+    """Lengths of the dimensions users' observables name beyond the known ones, read off the
+    traced shapes of one run of every group (the largest across groups)."""
+    extra = {d for dd in dims.values() for d in dd if d not in known}
+    if not extra:
+        return {}
+    import jax
+
+    from dynamics.steps import Hparams
+    from dynamics.train import as_hparams, make_run
+
+    out: dict[str, int] = {}
+    for g in groups:
+        shapes = jax.eval_shape(make_run(g.spec), as_hparams(Hparams()), jax.random.key(0))
+        for name, dd in dims.items():
+            for d, n in zip(dd, shapes[name].shape, strict=True):
+                if d in extra:
+                    out[d] = max(out.get(d, 0), int(n))
+    return out
 
 
 # --------------------------------------------------------------------------- the store
@@ -387,7 +425,10 @@ def create_store(url: str, p: Plan, dist: Distributed) -> None:
     import jax
 
     coords = {a: _coord_array(p.coords[a]) for a in p.axes}
-    coords["step"] = np.asarray(p.steps, np.int64)
+    coords[p.record_axis] = np.asarray(p.steps, np.int64)
+    for d, n in p.sizes.items():
+        if d not in coords and d not in ("layer", "sv_index"):
+            coords[d] = np.arange(n)
     coords["layer"] = np.arange(p.n_layers)
     if p.n_sv:
         coords["sv_index"] = np.arange(p.n_sv)
@@ -395,7 +436,7 @@ def create_store(url: str, p: Plan, dist: Distributed) -> None:
     for name, d in p.dims.items():
         if name == "status":
             dtype, fill = np.int8, -1
-        elif name == "diverged_step":
+        elif name in ("diverged_step", "step"):
             dtype, fill = np.int32, -1
         else:
             dtype, fill = np.float32, np.nan
@@ -725,9 +766,7 @@ def chunk_values(p: Plan, chunk: Chunk, trace: dict, n: int, n_dev: int) -> dict
         v = np.asarray(trace[name])[slot_of_run]
         v = v.reshape(shape + v.shape[1:])
         dims = p.dims[name]
-        want = [
-            len(p.steps) if d == "step" else p.n_layers if d == "layer" else p.n_sv for d in dims
-        ]
+        want = [p.sizes[d] for d in dims]
         pads = [(0, 0)] * len(shape) + [
             (0, w - s) for w, s in zip(want, v.shape[len(shape) :], strict=True)
         ]
@@ -750,6 +789,7 @@ class Summary:
     devices: int
     device_kind: str
     processes: int
+    dead: int = 0
 
 
 def execute(
@@ -821,7 +861,7 @@ def execute(
         inputs, n_programs = prepare(p, todo, mesh, _code_stamp() if todo else None)
         compile_s = time.perf_counter() - t_compile
         bar = _progress_bar(runs_now, progress and dist.index == 0, res.sweep.name)
-        diverged = 0
+        diverged = dead = 0
         t_start = time.perf_counter()
         pending = None  # (chunk, trace, n): one chunk in flight while the previous one is written
         for item in inputs + [None]:
@@ -852,12 +892,14 @@ def execute(
             attrs = _store.read_attrs(url)
             statuses = _all_status(url)
             diverged = int(np.sum(statuses == 1))
+            dead = int(np.sum(statuses == 2))
             complete = bool(np.all(writer.done_chunks()))
             writer.set_attrs(
                 compile_seconds=float(attrs.get("compile_seconds", 0.0)) + total_compile,
                 run_seconds=float(attrs.get("run_seconds", 0.0)) + total_run,
                 complete=complete,
                 diverged=diverged,
+                dead=dead,
                 finished=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             )
         runs = math.prod(p.shape)
@@ -873,6 +915,7 @@ def execute(
             len(jax.devices()),
             jax.local_devices()[0].device_kind,
             dist.count,
+            dead,
         )
     finally:
         if lock is not None:

@@ -338,6 +338,10 @@ def build_specs(res: Resolved) -> list[tuple[dict[str, Any], Any]]:
             raise SpecError(f"{_first_line(e)}") from e
         if not isinstance(spec, RunSpec):
             raise SpecError(f"build: {res.sweep.name}'s build() must return a dynamics.RunSpec")
+        if spec.batch is None and spec.sampling != "full" and res.grid["batch_size"]:
+            # the static batch of a sweep is its largest batch size (the runner masks or
+            # groups the smaller ones)
+            spec = dataclasses.replace(spec, batch=int(max(res.grid["batch_size"])))
         try:
             spec.validate()
         except ValueError as e:

@@ -75,7 +75,7 @@ def _assert_traces_close(a, b, rtol=1e-5, atol=1e-6, names=None):
     ],
 )
 def test_invalid_specs_raise(change, field):
-    kwargs = dict(model=MODEL, data=DATA, steps=STEPS, record_every=EVERY)
+    kwargs = dict(model=MODEL, data=DATA, steps=STEPS, record_every=EVERY, batch=8)
     spec = RunSpec(**{**kwargs, **change})
     with pytest.raises(ValueError, match=field):
         make_run(spec)

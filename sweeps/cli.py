@@ -1,4 +1,4 @@
-"""python -m sweeps {list, run, show}: the command line of the sweep runner.
+"""python -m sweeps {list, run, show, plot, report}: the command line of the sweep runner.
 
 Bad input ends with exit status 2 and one line naming the field and the reason, before
 anything is compiled or written.
@@ -51,6 +51,43 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     s = sub.add_parser("show", help="summarize a store: axes, variables, status, diverged runs")
     s.add_argument("path")
+    pl = sub.add_parser(
+        "plot",
+        help="draw one stored variable (PNG or PDF)",
+        description="Draw one variable of a store: seeds as a band (mean line, min-max), other "
+        "axes on --hue/--col/--row or fixed with --sel; diverged runs are left out.",
+    )
+    pl.add_argument("store", help="a sweep store (.zarr path or fsspec URL)")
+    pl.add_argument("var", help="a variable of the store (loss, rank, sv, ...)")
+    pl.add_argument("--x", metavar="AXIS", help="horizontal axis (default: step, or epoch)")
+    pl.add_argument("--hue", metavar="AXIS", help="one line per value of AXIS")
+    pl.add_argument("--col", metavar="AXIS", help="one column of panels per value of AXIS")
+    pl.add_argument("--row", metavar="AXIS", help="one row of panels per value of AXIS")
+    pl.add_argument(
+        "--at",
+        metavar="STEP|last",
+        help="read every run at one record (nearest recorded step; last: each run's last finite "
+        "record) and plot against --x",
+    )
+    pl.add_argument(
+        "--layer",
+        metavar="K|all|mean",
+        help="per-layer variables: one layer, one line per layer, or the mean (default)",
+    )
+    pl.add_argument(
+        "--sel",
+        action="append",
+        default=[],
+        metavar="AXIS=VALUE",
+        help="fix an axis at a value (V1,V2,... keeps several)",
+    )
+    pl.add_argument("--log", action="store_true", help="log y axis; seeds by geometric mean")
+    pl.add_argument("--out", metavar="FILE", help=".png or .pdf (default: STORE_VAR.png here)")
+    rp = sub.add_parser(
+        "report", help="a self-contained HTML page: the summary and one plot per variable"
+    )
+    rp.add_argument("store", help="a sweep store (.zarr path or fsspec URL)")
+    rp.add_argument("--out", metavar="FILE.html", help="default: STORE_report.html here")
     return p
 
 
@@ -101,8 +138,10 @@ def cmd_run(args) -> int:
 def print_summary(res, s) -> None:
     rate = s.runs_now / s.run_seconds if s.run_seconds > 0 else float("nan")
     resumed = f", {s.runs_resumed} already done" if s.runs_resumed else ""
+    dead = f", {s.dead} dead (every output the same: dead ReLUs)" if s.dead else ""
     print(
-        f"sweep {res.sweep.name}: {s.runs} runs ({s.runs_now} run now{resumed}), {s.diverged} diverged"
+        f"sweep {res.sweep.name}: {s.runs} runs ({s.runs_now} run now{resumed}), "
+        f"{s.diverged} diverged{dead}"
     )
     print(
         f"compile {s.compile_seconds:.1f} s ({s.programs} program{'' if s.programs == 1 else 's'}), "
@@ -115,57 +154,70 @@ def print_summary(res, s) -> None:
 
 
 def cmd_show(args) -> int:
-    import json
-
-    import numpy as np
-
     from sweeps import store as _store
 
     if not _store.exists(args.path):
         raise _BadInput(f"path: no store at {args.path}")
     import xarray as xr
 
-    ds = xr.open_zarr(args.path)
+    for line in show_lines(args.path, xr.open_zarr(args.path)):
+        print(line)
+    return 0
+
+
+def show_lines(path: str, ds) -> list[str]:
+    """The summary `show` prints (and `report` embeds): axes, variables, status, diverged runs."""
+    import json
+
+    import numpy as np
+
+    lines = []
     attrs = ds.attrs
     status = ds["status"].values
     n = status.size
     done, div, todo = int(np.sum(status == 0)), int(np.sum(status == 1)), int(np.sum(status < 0))
-    print(
-        f"{args.path}: sweep {attrs.get('sweep')} ({attrs.get('scale', 'default')} scale), {n} runs"
+    dead, bad = int(np.sum(status == 2)), int(np.sum(status == 3))
+    lines.append(
+        f"{path}: sweep {attrs.get('sweep')} ({attrs.get('scale', 'default')} scale), {n} runs"
     )
-    print(
+    lines.append(
         f"  status: {done} finished, {div} diverged, {todo} not run"
+        + (f", {dead} dead (output independent of the input)" if dead else "")
+        + (f", {bad} invalid hyperparameters" if bad else "")
         + ("" if attrs.get("complete") else "  [incomplete]")
     )
     axes = [d for d in ds["status"].dims]
-    print("  axes:   " + ", ".join(f"{a}[{ds.sizes[a]}]" for a in axes))
+    lines.append("  axes:   " + ", ".join(f"{a}[{ds.sizes[a]}]" for a in axes))
     for a in axes:
         vals = ds[a].values
         shown = ", ".join(str(v) for v in vals[:8]) + (", ..." if len(vals) > 8 else "")
-        print(f"    {a}: {shown}")
-    print(f"  steps:  {ds.sizes.get('step', 0)} records, {int(ds.step[0])}..{int(ds.step[-1])}")
+        lines.append(f"    {a}: {shown}")
+    rec = next((d for d in ("step", "epoch") if d in ds.dims), None)
+    if rec is not None:
+        label = f"{rec}s:".ljust(7)
+        lines.append(f"  {label} {ds.sizes[rec]} records, {int(ds[rec][0])}..{int(ds[rec][-1])}")
     names = [v for v in ds.data_vars if v not in ("status", "diverged_step")]
-    print(
+    lines.append(
         "  variables: "
         + ", ".join(f"{v}({','.join(d for d in ds[v].dims if d not in axes)})" for v in names)
     )
-    print(
+    lines.append(
         f"  compile {float(attrs.get('compile_seconds', 0)):.1f} s, run {float(attrs.get('run_seconds', 0)):.1f} s"
         f" on {attrs.get('device_count')} x {attrs.get('device_kind')}; commit {attrs.get('git_commit')}"
     )
     if div:
         flat = ds["diverged_step"].where(ds["status"] == 1).stack(run=axes).dropna("run")
-        print(f"  diverged runs ({div}):")
+        lines.append(f"  diverged runs ({div}):")
         for i in range(min(div, 10)):
             r = flat.isel(run=i)
             where = ", ".join(f"{a}={r[a].item()}" for a in axes)
-            print(f"    {where}: step {int(r.item())}")
+            lines.append(f"    {where}: step {int(r.item())}")
         if div > 10:
-            print(f"    ... and {div - 10} more")
+            lines.append(f"    ... and {div - 10} more")
     settings = json.loads(attrs.get("spec", "{}")).get("settings", {})
     if settings:
-        print("  settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()))
-    return 0
+        lines.append("  settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()))
+    return lines
 
 
 class _BadInput(ValueError):
@@ -175,6 +227,7 @@ class _BadInput(ValueError):
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     from dynamics.data import DataError
+    from sweeps.plot import PlotError
     from sweeps.spec import SpecError
     from sweeps.store import StoreError
 
@@ -183,8 +236,16 @@ def main(argv=None) -> int:
             return cmd_list()
         if args.command == "run":
             return cmd_run(args)
+        if args.command == "plot":
+            from sweeps import plot
+
+            return plot.run_cli(args)
+        if args.command == "report":
+            from sweeps import report
+
+            return report.run_cli(args)
         return cmd_show(args)
-    except (SpecError, StoreError, DataError, _BadInput) as e:
+    except (SpecError, StoreError, DataError, PlotError, _BadInput) as e:
         sys.stderr.write(f"error: {str(e).strip().splitlines()[0]}\n")
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:

@@ -35,8 +35,10 @@ class RecordContext(NamedTuple):
     """What a state observable sees at a record: the parameters and model state (after the
     record's last step), the run's hyperparameters (lr: the rate applied at that step), the
     run's data (`train.RunData`: x_train, y_train, x_eval, y_eval, x_test, y_test), a PRNG key
-    of its own, the step, and `predict(x, train=False) -> (y, h)`: the model on inputs x in
-    eval (running statistics) or train mode."""
+    of its own, the step, `predict(x, train=False) -> (y, h)`: the model on inputs x in eval
+    (running statistics) or train mode, and `init_params()`: the run's parameters at
+    initialization (recomputed from its key when called, so quantities "since initialization"
+    cost no copy in the carry)."""
 
     params: Any
     model_state: Any
@@ -45,6 +47,7 @@ class RecordContext(NamedTuple):
     key: Any
     step: Any
     predict: Callable
+    init_params: Callable
 
 
 class StepContext(NamedTuple):
@@ -260,8 +263,9 @@ def weight_sq_norms(grads) -> jax.Array:
 def make_state_observer(
     spec, loss: Callable, loss_fn: Callable, n_layers: int, sv_pad: int, user: dict
 ) -> Callable:
-    """observe(params, model_state, hp, data, key, step, which) -> {name: float32 array} for the
-    state observables `which` (built-in names and users' state Observables)."""
+    """observe(params, model_state, hp, data, key, step, which, init_params) -> {name: float32
+    array} for the state observables `which` (built-in names and users' state Observables);
+    init_params: a callable giving the run's initial parameters (for `RecordContext`)."""
     model = spec.model
     num_classes = int(spec.data.num_classes)
     eval_train = spec.eval_mode == "train" or model.forward is None
@@ -272,7 +276,7 @@ def make_state_observer(
         f = _models.forward(model, params, model_state, x, None, train=train)
         return f.y, f.h
 
-    def observe(params, model_state, hp, data, key, step, which) -> dict:
+    def observe(params, model_state, hp, data, key, step, which, init_params=None) -> dict:
         if not which:
             return {}
         params = jax.tree.map(jax.lax.stop_gradient, params)
@@ -329,6 +333,7 @@ def make_state_observer(
                 key,
                 step,
                 lambda x, train=False: predict(params, model_state, x, train),
+                init_params,
             )
             for n in users:
                 out[n] = user[n].fn(ctx)

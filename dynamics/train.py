@@ -843,10 +843,12 @@ def make_run(spec: RunSpec, *, start: int = 0) -> Callable:
     # ran 0.4-4.5% slower with it (three A/B runs), its batch-128 runs 5-6%.
     unroll = 2 if stats.track_cos and not cpu_kernels() else 1
 
-    def initial_state(hp, k_init) -> RunState:
+    def initial_params(hp, k_init):
         params = scale_weights(model.init(k_init), hp.init_scale)
-        if spec.precision == "float64":
-            params = _to(jnp.float64, params)
+        return _to(jnp.float64, params) if spec.precision == "float64" else params
+
+    def initial_state(hp, k_init) -> RunState:
+        params = initial_params(hp, k_init)
         ms = _models.init_state(model, k_init) if stateful else ()
         if spec.precision == "float64":
             ms = _to(jnp.float64, ms)
@@ -1015,6 +1017,7 @@ def make_run(spec: RunSpec, *, start: int = 0) -> Callable:
                 key,
                 step,
                 which,
+                lambda: jax.tree.map(jax.lax.stop_gradient, initial_params(hp, k_init)),
             )
 
         def record(c: _Carry, r):

@@ -1,8 +1,11 @@
-"""python -m figures [FIG ...] [--results DIR] [--set KEY=V ...]
+"""python -m figures [FIG ...] [--results DIR] [--set KEY=V ...] [--gallery]
 
 Runs whatever sweeps the chosen figures need and are missing (or unfinished: they resume),
-then draws them. A figure module `figures/NAME.py` declares SWEEPS (sweep names) and
-draw(datasets: dict[name, xarray.Dataset]) -> list of written paths.
+then draws them. A figure module `figures/NAME.py` declares SWEEPS (sweep names),
+draw(datasets: dict[name, xarray.Dataset]) -> list of written paths (it saves the numbers it
+quotes with `common.save_numbers(NAME, ...)`) and gallery(numbers: dict) -> str, its README
+paragraph. --gallery also copies the drawn PNGs and numbers to docs/gallery/ and rewrites the
+README's gallery sections from them (see figures/common.py).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-NOT_FIGURES = {"common"}
+NOT_FIGURES = {"common", "gallery"}
 
 
 def figure_names() -> list[str]:
@@ -37,8 +40,13 @@ def main(argv=None) -> int:
     p.add_argument(
         "--set", action="append", default=[], help="passed to every sweep run (e.g. scale=paper)"
     )
+    p.add_argument(
+        "--gallery",
+        action="store_true",
+        help="copy the figures and their numbers to docs/gallery/ and rewrite the README's sections",
+    )
     args = p.parse_args(argv)
-    from figures import common
+    from figures import common, gallery
     from sweeps import cli
 
     if args.results:
@@ -66,6 +74,9 @@ def main(argv=None) -> int:
                 datasets[sweep] = common.open_results(sweep)
         for path in module.draw(datasets):
             print(f"[figures] {name}: wrote {path}")
+        if args.gallery:
+            for path in gallery.publish(name, module):
+                print(f"[figures] {name}: gallery {path}")
     print(f"[figures] done in {time.perf_counter() - t0:.0f} s")
     return 0
 

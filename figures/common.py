@@ -1,5 +1,15 @@
 """Shared by every figure script: the one loader of stored results, seed bands, captions,
-saving to PNG and PDF under figures/out/."""
+saving to PNG and PDF under figures/out/, and the numbers a figure quotes.
+
+The gallery. `make figures` draws into figures/out/ (not tracked). Every number the README
+quotes beside a figure comes from the stored results: a figure script computes it from its
+datasets and passes it to `save_numbers(NAME, {...})`, which writes figures/out/NAME.json; the
+module's `gallery(numbers) -> str` turns those numbers into its README paragraph.
+`python -m figures --gallery` (after drawing) copies the PNGs and the numbers into
+docs/gallery/ and rewrites each figure's README section between `<!-- gallery:NAME -->` and
+`<!-- /gallery:NAME -->` from them; tests/test_gallery.py checks that the README's sections are
+what the committed numbers give, so no quoted number is typed by hand.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +19,8 @@ from pathlib import Path
 import numpy as np
 
 OUT = Path(__file__).resolve().parent / "out"
+ROOT = Path(__file__).resolve().parents[1]
+GALLERY = ROOT / "docs" / "gallery"
 
 
 def results_dir() -> str:
@@ -91,3 +103,45 @@ def save(fig, name: str) -> list[Path]:
 
     plt.close(fig)
     return paths
+
+
+def save_numbers(name: str, numbers: dict) -> Path:
+    """Write figures/out/NAME.json: the numbers figure NAME quotes (plain floats, ints,
+    strings, lists and dicts of them), read by the module's `gallery()`."""
+    import json
+
+    OUT.mkdir(parents=True, exist_ok=True)
+    path = OUT / f"{name}.json"
+    path.write_text(json.dumps(_plain(numbers), indent=1, sort_keys=True) + "\n")
+    return path
+
+
+def load_numbers(name: str, where: Path | None = None) -> dict:
+    import json
+
+    return json.loads(((where or GALLERY) / f"{name}.json").read_text())
+
+
+def _plain(v):
+    if isinstance(v, dict):
+        return {str(k): _plain(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [_plain(x) for x in v]
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, np.ndarray):
+        return _plain(v.tolist())
+    return v
+
+
+def fmt(x, digits: int = 3) -> str:
+    """A number as the README prints it: `digits` significant digits, exponent when small."""
+    x = float(x)
+    if x == 0 or (1e-3 <= abs(x) < 1e5):
+        return f"{x:.{digits}g}"
+    return f"{x:.{max(digits - 1, 1)}e}".replace("e-0", "e-").replace("e+0", "e+")
+
+
+def image(name: str) -> str:
+    """Markdown for a gallery image (docs/gallery/NAME.png)."""
+    return f"![{name.replace('_', ' ')}](docs/gallery/{name}.png)"

@@ -510,3 +510,38 @@ def test_channel_norm_forms():
     c = jnp.zeros((1, 1, 8)).at[0, 0, 0].set(1e-4)
     assert float(jnp.abs(norms.channel_norm(c, form="var_unbiased")).max()) < 0.05
     assert float(jnp.abs(norms.channel_norm(c, form="std")).max()) > 1.0
+
+
+def test_state_observables_can_read_the_initial_parameters():
+    """RecordContext.init_params() is the run's initialization (recomputed from its key): the
+    relative distance from it is 0 at step 0 and equals a hand computation at the end."""
+    moved = dyn.Observable(
+        "moved",
+        lambda ctx: jnp.stack(
+            [
+                jnp.linalg.norm(p["w"] - q["w"]) / jnp.linalg.norm(q["w"])
+                for p, q in zip(ctx.params, ctx.init_params(), strict=True)
+            ]
+        ),
+        dims=("layer",),
+    )
+    spec = RunSpec(
+        models.mlp((D, 8, C)),
+        DATA,
+        loss="cross_entropy",
+        steps=6,
+        record_every=3,
+        batch=8,
+        observables=(moved,),
+        keep_state=True,
+    )
+    hp, key = _hp(lr=0.3, wd=0.0), jax.random.key(9)
+    tr = jax.jit(make_run(spec))(train.as_hparams(hp._replace(init_scale=2.0)), key)
+    p0 = models.scale_weights(spec.model.init(jax.random.split(key)[0]), 2.0)
+    p1 = tr["final_state"].state.params
+    want = [
+        float(jnp.linalg.norm(a["w"] - b["w"]) / jnp.linalg.norm(b["w"]))
+        for a, b in zip(p1, p0, strict=True)
+    ]
+    np.testing.assert_allclose(tr["moved"][0], 0.0, atol=1e-7)
+    np.testing.assert_allclose(tr["moved"][-1], want, rtol=1e-5)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -53,6 +54,34 @@ def layer_norms(params) -> jax.Array:
 def rho(params) -> jax.Array:
     """rho = prod_k ||W_k||_F, the product of the layers' Frobenius norms. Scalar."""
     return jnp.prod(layer_norms(params))
+
+
+@_no_grad
+def rho_eff(params, model_state=()) -> jax.Array:
+    """rho of a batch-normalized network through each normalization's scale (Xu et al. 2023):
+
+        rho_eff = prod_k ||W_k||_F * prod_BN ||gamma||_2 / prod_BN ||sqrt(running_var)||_2,
+
+    the product over batch-norm layers of the running standard deviations' Euclidean norm
+    (l1 / linf batch norms: of their running scales), times ||gamma||_2 where the norm is
+    affine. model_state: the model's state, a list of per-layer dicts ({"mean", "var"} or
+    {"mean", "scale"} for a batch-norm layer, {} otherwise); `()` gives rho. Scalar.
+    """
+    r = rho(params)
+    if not model_state:
+        return r
+    for p, s in zip(params, model_state, strict=True):
+        if not isinstance(s, dict):
+            continue
+        if "var" in s:
+            r = r / jnp.sqrt(jnp.sum(s["var"]))
+        elif "scale" in s:
+            r = r / jnp.sqrt(jnp.sum(s["scale"] ** 2))
+        else:
+            continue
+        if isinstance(p, dict) and "gamma" in p:
+            r = r * jnp.sqrt(jnp.sum(p["gamma"] ** 2))
+    return r
 
 
 def max_singular_values(params) -> int:
@@ -396,22 +425,179 @@ def hvp(loss_fn: Callable, params, batch):
     return apply, flat.shape[0]
 
 
-def sharpness(loss_fn: Callable, params, batch, key, iters: int = 20) -> jax.Array:
-    """Top Hessian eigenvalue of loss_fn at params, by power iteration on Hessian-vector products.
+class Lanczos(NamedTuple):
+    """Outcome of `sharpness_lanczos`: `value` the top Ritz value theta (scalar), `residual` the
+    Ritz residual |beta_m s_m| = ||H y - theta y|| of its unit Ritz vector y (scalar), `gap` the
+    distance from theta to the next Ritz value (scalar; inf when the Krylov space is one vector),
+    `iterations` the number m of Lanczos steps taken, i.e. of Hessian-vector products (int32)."""
 
-    v_0 ~ N(0, I) normalized; v_{j+1} = H v_j / ||H v_j||; returns the Rayleigh quotient
-    v^T H v after `iters` iterations: the eigenvalue of largest magnitude (the sharpness
-    whenever it dominates the negative curvature, as in training). Error shrinks as
-    (lambda_2 / lambda_1)^(2 iters). Gradient stability of GD requires lr < 2 / sharpness.
+    value: jax.Array
+    residual: jax.Array
+    gap: jax.Array
+    iterations: jax.Array
+
+
+def _top_ritz(alpha, beta, k):
+    """Top two eigenvalues of the leading k x k block of tridiag(beta, alpha, beta) and the last
+    (row k - 1) component of the top one's unit eigenvector, from an eigh of the whole padded
+    matrix: rows from k on are decoupled (zero off-diagonals) and get the diagonal value
+    -2 * bound, below the block's spectrum (Gershgorin: |lambda| <= bound), so they sort below
+    it without a large entry spoiling eigh's accuracy (its error is eps * ||T||)."""
+    m = alpha.shape[0]
+    idx = jnp.arange(m)
+    off = jnp.where(idx[:-1] < k - 1, beta[:-1], 0.0)
+    bound = jnp.sum(jnp.abs(alpha)) + 2.0 * jnp.sum(jnp.abs(off))
+    # bound = 0 (T = 0) still needs the padding strictly below 0: -1 then.
+    pad = jnp.where(bound > 0, -2.0 * bound, -1.0)
+    T = jnp.diag(jnp.where(idx < k, alpha, pad)) + jnp.diag(off, 1) + jnp.diag(off, -1)
+    evals, evecs = jnp.linalg.eigh(T)
+    # a 1 x 1 block has no second Ritz value (evals[m - 2] is padding then)
+    second = jnp.where(k > 1, evals[m - 2], -jnp.inf) if m > 1 else jnp.full((), -jnp.inf, T.dtype)
+    return evals[m - 1], second, evecs[k - 1, m - 1]
+
+
+_BLOCK = 8
+
+
+def _orthogonalize(V, w, k):
+    """w minus its projection on the first k rows of V (orthonormal; zero past k), by blocks of
+    _BLOCK rows: the work is O(k n), not O(rows n) (a whole-basis matvec reads all of V)."""
+
+    def block(j, w):
+        Vb = jax.lax.dynamic_slice_in_dim(V, j * _BLOCK, _BLOCK, axis=0)
+        return w - Vb.T @ (Vb @ w)
+
+    return jax.lax.fori_loop(0, (k + _BLOCK - 1) // _BLOCK, block, w)
+
+
+def sharpness_lanczos(
+    loss_fn: Callable,
+    params,
+    batch,
+    key,
+    iters: int = 100,
+    tol: float = 1e-4,
+    check_every: int = 4,
+) -> Lanczos:
+    """Top (largest algebraic) Hessian eigenvalue by Lanczos, with the residual behind it.
+
+    See `sharpness` for the method and its bounds. The stopping test (an eigh of the padded
+    iters x iters tridiagonal, O(iters^3)) runs every `check_every` steps and at the last one,
+    so the step count is a multiple of check_every or min(iters, n): up to check_every - 1
+    HVPs past convergence buy a check cost that does not dominate a small network's HVP.
     """
+    iters, check_every = int(iters), int(check_every)
+    if iters < 1:
+        raise ValueError(f"iters: must be at least 1, got {iters}")
+    if check_every < 1:
+        raise ValueError(f"check_every: must be at least 1, got {check_every}")
+    if isinstance(tol, (int, float)) and not tol >= 0:
+        raise ValueError(f"tol: must be >= 0, got {tol}")
     params = jax.tree.map(jax.lax.stop_gradient, params)
     apply, n = hvp(loss_fn, params, batch)
-    v0 = jax.random.normal(key, (n,))
+    dtype = ravel_pytree(params)[0].dtype
+    # Basis and tridiagonal in at least float32 (orthogonality in bfloat16 would be lost at
+    # once); the HVP itself runs in the params' dtype.
+    acc = jnp.promote_types(dtype, jnp.float32)
+    m = min(iters, n)  # the Krylov space of H has dimension at most n
+    m_pad = -(-m // _BLOCK) * _BLOCK  # whole blocks for _orthogonalize
+    eps = jnp.finfo(acc).eps
+    v0 = jax.random.normal(key, (n,), acc)
     v0 = v0 / jnp.linalg.norm(v0)
 
-    def body(v, _):
-        w = apply(v)
-        return w / jnp.linalg.norm(w), None
+    def step(state):
+        k, V, v, v_prev, b_prev, alpha, beta, scale, _ = state
+        w = apply(v.astype(dtype)).astype(acc)
+        a = jnp.vdot(v, w)
+        w = w - a * v - b_prev * v_prev
+        V = V.at[k].set(v)
+        # Full reorthogonalization against every basis vector so far, Gram-Schmidt twice
+        # ("twice is enough", Giraud et al. 2005): without it the basis loses orthogonality as
+        # Ritz values converge and T grows spurious copies of them.
+        w = _orthogonalize(V, w, k + 1)
+        w = _orthogonalize(V, w, k + 1)
+        b = jnp.linalg.norm(w)
+        scale = jnp.maximum(scale, jnp.maximum(jnp.abs(a), b))
+        # Breakdown: span(V) is invariant under H (numerically: b at rounding level of ||H||,
+        # or exactly 0 for H = 0), so T's eigenvalues are eigenvalues of H; stepping on from
+        # v = 0 would add a spurious eigenvalue 0 to T, so the steps stop here.
+        broke = b <= 10.0 * eps * scale
+        v_next = jnp.where(broke, 0.0, w / jnp.where(broke, 1.0, b))
+        alpha, beta = alpha.at[k].set(a), beta.at[k].set(b)
+        return k + 1, V, v_next, v, b, alpha, beta, scale, broke
 
-    v, _ = jax.lax.scan(body, v0, None, length=iters)
-    return jnp.vdot(v, apply(v))
+    def chunk(state):
+        lanczos, *_ = state
+
+        def inner(_, s):
+            return jax.lax.cond((s[0] < m) & ~s[-1], step, lambda s: s, s)
+
+        lanczos = jax.lax.fori_loop(0, check_every, inner, lanczos)
+        k, *_, alpha, beta, _, broke = lanczos
+        theta, second, s_last = _top_ritz(alpha, beta, k)
+        res = jnp.abs(beta[k - 1] * s_last)
+        done = broke | (res <= tol * jnp.abs(theta)) | (k >= m)
+        return lanczos, theta, second, res, done
+
+    zero = jnp.zeros((), acc)
+    lanczos = (
+        jnp.zeros((), jnp.int32),
+        jnp.zeros((m_pad, n), acc),
+        v0,
+        jnp.zeros((n,), acc),
+        zero,
+        jnp.zeros((m,), acc),
+        jnp.zeros((m,), acc),
+        zero,
+        jnp.zeros((), bool),
+    )
+    state = (lanczos, zero, zero, zero, jnp.zeros((), bool))
+    lanczos, theta, second, res, _ = jax.lax.while_loop(lambda s: ~s[-1], chunk, state)
+    return Lanczos(theta, res, theta - second, lanczos[0])
+
+
+def sharpness(
+    loss_fn: Callable, params, batch, key, iters: int = 100, tol: float = 1e-4
+) -> jax.Array:
+    """Sharpness: the largest algebraic eigenvalue lambda_1 of the Hessian H of
+    loss_fn(params, batch) at params, by Lanczos with full reorthogonalization on
+    Hessian-vector products (forward-over-reverse, `hvp`). Scalar.
+
+    loss_fn(params, batch) -> scalar; params a pytree of arrays (n entries raveled); key a
+    PRNG key for the start vector v_1 ~ N(0, I) / norm. Lanczos (beta_0 = 0):
+      alpha_j = v_j^T H v_j,  w = H v_j - alpha_j v_j - beta_{j-1} v_{j-1},
+      w <- w - V_j V_j^T w (twice),  beta_j = ||w||,  v_{j+1} = w / beta_j,
+    so H V_m = V_m T_m + beta_m v_{m+1} e_m^T with T_m = tridiag(beta, alpha, beta). The
+    estimate is theta, the largest eigenvalue of T_m (`jnp.linalg.eigh` of the padded
+    min(iters, n)-square matrix), with unit eigenvector s. theta is a Rayleigh quotient of H
+    (theta <= lambda_1) and does not decrease with m.
+
+    Accuracy and stopping rule: the Ritz vector y = V_m s has residual
+    r = ||H y - theta y|| = |beta_m s_m|; for symmetric H some eigenvalue lies within r of
+    theta, and within r^2 / gap if gap is the distance from theta to the rest of H's spectrum
+    (Kato-Temple). The iteration stops at the first checked m (every 4 steps; see
+    `sharpness_lanczos`) with r <= tol * |theta|, so the result is within relative error tol
+    of an eigenvalue (tol^2 |theta| / gap once that eigenvalue is resolved), or at
+    m = min(iters, n), or at breakdown (beta_m ~ 0: span(V_m) is invariant under H and theta
+    is exact; H = 0 gives 0). The eigenvalue is lambda_1 unless the random start is nearly
+    orthogonal to its eigenvector (probability ~0), or lambda_1 - lambda_2 is so small that a
+    Ritz value settled on lambda_2 passes the test first: the error is then at most
+    lambda_1 - lambda_2 + r. `sharpness_lanczos` returns r and the Ritz gap to check. Rate
+    (Kaniel-Paige): lambda_1 - theta <= (lambda_1 - lambda_n) (tan phi_0 / C_{m-1}(1 + 2 g))^2,
+    g = (lambda_1 - lambda_2) / (lambda_2 - lambda_n), C the Chebyshev polynomial, i.e. about
+    exp(-4 m sqrt(g)), against (lambda_2 / lambda_1)^(2m) for power iteration. r is only known
+    to about eps ||H|| (eigh's accuracy): a tol below ~1e-6 in float32 runs until r rounds to
+    0 or to `iters`, and so may a theta near 0 relative to ||H|| (the test is relative).
+
+    This is the largest algebraic eigenvalue, not the one of largest magnitude: the two differ
+    only when negative curvature dominates (|lambda_n| > lambda_1). Gradient descent is
+    stable along the top eigenvector only for lr < 2 / sharpness (Cohen et al. 2021, the edge
+    of stability).
+
+    Cost: at most min(iters, n) HVPs, fewer once converged (under vmap every lane steps until
+    the slowest converges; finished lanes are frozen), plus O(k n) at step k for the
+    reorthogonalization. Memory: the basis, about min(iters, n) x n in max(params dtype,
+    float32) per lane. HVPs run in the params' dtype. jit- and vmap-safe (`lax.while_loop`,
+    static shapes; iters must be a static int).
+    """
+    return sharpness_lanczos(loss_fn, params, batch, key, iters, tol).value

@@ -321,7 +321,7 @@ def make_state_observer(
             weights = jnp.full((n_eval,), 1.0 / n_eval, jnp.float32)
             batch = Batch(data.x_eval, data.y_eval, weights, model_state)
             out["sharpness"] = obs.sharpness(
-                _plain(loss_fn), params, batch, key, spec.sharpness_iters
+                _plain(loss_fn), params, batch, key, spec.sharpness_iters, spec.sharpness_tol
             )
         users = [n for n in which if n in user]
         if users:

@@ -95,8 +95,9 @@ class RunSpec:
     PyTorch's model.eval(); the default, "auto", for such models) or "train" (the statistics of
     the evaluated batch). rank_tol: tolerance of `rank`; rank_layers: the layers `mean_rank`
     averages (default: all but the output layer); spectrum_method: a method of
-    `observables.singular_values` ("auto", "native", "svd" or "gram"); sharpness_iters:
-    Lanczos iterations (at most) for `sharpness`.
+    `observables.singular_values` ("auto", "native", "svd" or "gram"); sharpness_iters,
+    sharpness_tol: `sharpness` by Lanczos, at most that many Hessian-vector products, stopped
+    when the Ritz residual is below sharpness_tol times the value (`observables.sharpness`).
     gradient: "auto" (the training step takes a plain MLP's loss gradient from the compiled CPU
     kernel, `native.dense_loss_fn`, where the model and loss allow it and the kernel is
     available; autodiff otherwise) or "autodiff". precision: "float32"; "bfloat16" / "float16"
@@ -119,7 +120,7 @@ class RunSpec:
     eval_size: int | None = 4096
     rank_tol: float = 1e-3
     spectrum_method: str = "auto"
-    sharpness_iters: int = 20
+    sharpness_iters: int = 100
     gradient: str = "auto"
     epochs: int | None = None
     lr_schedule: Any = None
@@ -127,6 +128,7 @@ class RunSpec:
     rank_layers: tuple[int, ...] | None = None
     precision: str = "float32"
     keep_state: bool = False
+    sharpness_tol: float = 1e-4
 
     def __post_init__(self):
         if self.steps is None and self.epochs is None:

@@ -110,10 +110,10 @@ def _one_matrix_at_a_time(fn):
     def rule(axis_size, in_batched, x):
         (batched,) = in_batched
         if not batched:
-            return f(x), False
-        if not _serialize_lapack():
-            return jax.vmap(fn)(x), True
-        return jax.lax.map(f, x), True
+            out = f(x)
+            return out, jax.tree.map(lambda _: False, out)
+        out = jax.vmap(fn)(x) if not _serialize_lapack() else jax.lax.map(f, x)
+        return out, jax.tree.map(lambda _: True, out)
 
     return f
 
@@ -126,6 +126,11 @@ def _svd_values(w):
 @_one_matrix_at_a_time
 def _eigvalsh(g):
     return jnp.linalg.eigvalsh(g)
+
+
+@_one_matrix_at_a_time
+def _eigh(a):
+    return jnp.linalg.eigh(a)
 
 
 @_one_matrix_at_a_time
@@ -450,7 +455,7 @@ def _top_ritz(alpha, beta, k):
     # bound = 0 (T = 0) still needs the padding strictly below 0: -1 then.
     pad = jnp.where(bound > 0, -2.0 * bound, -1.0)
     T = jnp.diag(jnp.where(idx < k, alpha, pad)) + jnp.diag(off, 1) + jnp.diag(off, -1)
-    evals, evecs = jnp.linalg.eigh(T)
+    evals, evecs = _eigh(T)  # one LAPACK call per matrix on several CPU devices (no deadlock)
     # a 1 x 1 block has no second Ritz value (evals[m - 2] is padding then)
     second = jnp.where(k > 1, evals[m - 2], -jnp.inf) if m > 1 else jnp.full((), -jnp.inf, T.dtype)
     return evals[m - 1], second, evecs[k - 1, m - 1]

@@ -200,3 +200,37 @@ def test_bad_arguments_raise():
         obs.sharpness(loss_fn, params, NO_BATCH, jax.random.key(0), 0)
     with pytest.raises(ValueError, match="tol"):
         obs.sharpness(loss_fn, params, NO_BATCH, jax.random.key(0), 10, -1.0)
+
+
+def test_sharded_over_several_cpu_devices_does_not_deadlock():
+    """Lanczos calls LAPACK (eigh of its small tridiagonal matrix) inside its loop; batched over a
+    run axis sharded on several CPU devices, one batched LAPACK call per device deadlocked XLA's
+    thread pool (the grad_oscillation sweep hung). Run in a subprocess, with a timeout."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(
+        """
+        import jax, jax.numpy as jnp
+        jax.config.update("jax_num_cpu_devices", 4)
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+        import numpy as np
+        from dynamics import models, losses, observables as obs
+        from dynamics.steps import Batch
+        model = models.mlp((6, 16, 3), activation="tanh")
+        x = jax.random.normal(jax.random.key(0), (32, 6)); y = jnp.arange(32) % 3
+        batch = Batch(x, y, jnp.full((32,), 1 / 32))
+        loss = lambda p, b: losses.cross_entropy(model.apply(p, b.x), b.y, b.weights)
+        keys = jax.random.split(jax.random.key(1), 8)
+        params = jax.vmap(model.init)(keys)
+        mesh = Mesh(np.asarray(jax.devices()), ("runs",))
+        params, keys = jax.device_put((params, keys), NamedSharding(mesh, P("runs")))
+        f = jax.jit(jax.vmap(lambda p, k: obs.sharpness(loss, p, batch, k)))
+        v = np.asarray(f(params, keys))
+        assert v.shape == (8,) and np.isfinite(v).all()
+        print("ok")
+        """
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]

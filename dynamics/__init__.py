@@ -4,7 +4,18 @@ Models, step functions and observables as pure functions; `make_run(spec)` turns
 run into one pure function `run(hp, key) -> trace` that vmaps over whole grids.
 """
 
-from dynamics import data, losses, models, norms, observables, recording, schedules, steps, train
+from dynamics import (
+    adapters,
+    data,
+    losses,
+    models,
+    norms,
+    observables,
+    recording,
+    schedules,
+    steps,
+    train,
+)
 from dynamics.cache import enable_compilation_cache
 from dynamics.data import Dataset
 from dynamics.losses import accuracy, cross_entropy, measurement_loss, square_loss
@@ -72,6 +83,7 @@ from dynamics.train import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "adapters",
     "data",
     "losses",
     "models",

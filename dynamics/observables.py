@@ -64,8 +64,10 @@ def rho_eff(params, model_state=()) -> jax.Array:
 
     the product over batch-norm layers of the running standard deviations' Euclidean norm
     (l1 / linf batch norms: of their running scales), times ||gamma||_2 where the norm is
-    affine. model_state: the model's state, a list of per-layer dicts ({"mean", "var"} or
-    {"mean", "scale"} for a batch-norm layer, {} otherwise); `()` gives rho. Scalar.
+    affine. model_state: the model's state, a list of per-layer dicts: {"mean", "var"} or
+    {"mean", "scale"} for the library's batch norms, or an adapted Flax module's
+    "<path>/var" entries, whose gain is the layer's "<path>/scale" parameter; `()` gives rho.
+    Scalar.
     """
     r = rho(params)
     if not model_state:
@@ -73,14 +75,21 @@ def rho_eff(params, model_state=()) -> jax.Array:
     for p, s in zip(params, model_state, strict=True):
         if not isinstance(s, dict):
             continue
-        if "var" in s:
-            r = r / jnp.sqrt(jnp.sum(s["var"]))
-        elif "scale" in s:
-            r = r / jnp.sqrt(jnp.sum(s["scale"] ** 2))
-        else:
-            continue
-        if isinstance(p, dict) and "gamma" in p:
-            r = r * jnp.sqrt(jnp.sum(p["gamma"] ** 2))
+        for k, v in s.items():
+            if k == "var" or k.endswith("/var"):
+                r = r / jnp.sqrt(jnp.sum(v))
+            elif k == "scale":
+                r = r / jnp.sqrt(jnp.sum(v**2))
+            else:
+                continue
+            if k in ("var", "scale"):
+                gain = p.get("gamma") if isinstance(p, dict) else None
+            else:  # a flax BatchNorm: state "[batch_stats/]<path>/var", its gain "<path>/scale"
+                path = k[: -len("var")]
+                names = (path + "scale", path.split("/", 1)[-1] + "scale")
+                gain = next((p[n] for n in names if isinstance(p, dict) and n in p), None)
+            if gain is not None:
+                r = r * jnp.sqrt(jnp.sum(gain**2))
     return r
 
 

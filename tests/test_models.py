@@ -1,5 +1,6 @@
 """Tests for dynamics.models: shapes of every factory, initialization statistics, the NTK
-parameterization, circular convolutions against a numpy reference, weight forms, adapters."""
+parameterization, circular convolutions against a numpy reference, weight forms (the Flax
+adapters: tests/test_adapters.py)."""
 
 from __future__ import annotations
 
@@ -342,91 +343,3 @@ def test_scale_weights(weight_param):
     scaled = models.scale_weights(params, -1.5)
     for a, b in zip(models.layer_weights(params), models.layer_weights(scaled), strict=True):
         np.testing.assert_allclose(b, -1.5 * a, rtol=1e-5, atol=1e-7)
-
-
-# --------------------------------------------------------------------------- adapters
-
-
-def test_from_flax():
-    nn = pytest.importorskip("flax.linen")
-
-    class Net(nn.Module):
-        def setup(self):
-            # names that sort differently from the creation order; flax is channel-last
-            self.z_conv = nn.Conv(4, (3,), padding="VALID")
-            self.m_hidden = nn.Dense(5)
-            self.a_out = nn.Dense(3)
-
-        def features(self, x):
-            h = nn.relu(self.z_conv(x))
-            return nn.relu(self.m_hidden(h.reshape(h.shape[0], -1)))
-
-        def __call__(self, x):
-            return self.a_out(self.features(x))
-
-    module = Net()
-    x = _x((2, 6, 2), 8)  # (batch, length, channels)
-    model = models.from_flax(module, x, features_method="features")
-    params = model.init(KEY)
-    assert isinstance(params, list) and len(params) == 3
-    ref = module.init(KEY, x)["params"]
-    for p, name in zip(params, ["z_conv", "m_hidden", "a_out"], strict=True):
-        np.testing.assert_array_equal(p["kernel"], ref[name]["kernel"])
-    # kernels (..., in, out) are read with the output axis first: conv (k, in, out) -> (out, k, in)
-    assert models.layer_weight(params[0]).shape == (4, 3, 2)
-    np.testing.assert_array_equal(
-        models.layer_weight(params[0]), np.transpose(ref["z_conv"]["kernel"], (2, 0, 1))
-    )
-    ws = models.layer_weights(params)
-    assert [w.shape for w in ws] == [(4, 6), (5, 16), (3, 5)]
-    np.testing.assert_array_equal(ws[1], ref["m_hidden"]["kernel"].T)
-    np.testing.assert_allclose(model.apply(params, x), module.apply({"params": ref}, x), rtol=1e-6)
-    y, h = model.apply_features(params, x)
-    assert h.shape == (2, 5)
-    np.testing.assert_allclose(y, h @ ws[2].T + params[2]["bias"][None, :], rtol=1e-5, atol=1e-6)
-    # layer-level operations work on adapter params
-    scaled = models.scale_weights(params, 2.0)
-    np.testing.assert_allclose(models.layer_weights(scaled)[0], 2.0 * ws[0], rtol=1e-6)
-
-
-def test_from_flax_refuses_mutable_collections():
-    nn = pytest.importorskip("flax.linen")
-
-    class WithBN(nn.Module):
-        @nn.compact
-        def __call__(self, x):
-            return nn.BatchNorm(use_running_average=False)(nn.Dense(3)(x))
-
-    with pytest.raises(ValueError, match="batch_stats"):
-        models.from_flax(WithBN(), jnp.ones((2, 4)))
-
-
-def test_from_nnx():
-    nnx = pytest.importorskip("flax.nnx")
-
-    class Net(nnx.Module):
-        def __init__(self, rngs):
-            self.zz = nnx.Linear(6, 5, rngs=rngs)
-            self.aa = nnx.Linear(5, 3, rngs=rngs)
-
-        def __call__(self, x):
-            return self.aa(nnx.relu(self.zz(x)))
-
-    model = models.from_nnx(Net)
-    key = jax.random.key(9)
-    params = model.init(key)
-    assert [w.shape for w in models.layer_weights(params)] == [(5, 6), (3, 5)]
-    module = Net(nnx.Rngs(key))
-    np.testing.assert_array_equal(params[0]["kernel"], module.zz.kernel[...])
-    # init runs under jit (as inside make_run) with the same result
-    np.testing.assert_array_equal(jax.jit(model.init)(key)[1]["kernel"], module.aa.kernel[...])
-    x = _x((4, 6), 10)
-    np.testing.assert_allclose(model.apply(params, x), module(x), rtol=1e-6)
-    np.testing.assert_allclose(jax.jit(model.apply)(params, x), module(x), rtol=1e-5, atol=1e-6)
-    # new params change the function; the adapter does not keep stale state
-    other = model.init(jax.random.key(11))
-    assert not np.allclose(model.apply(other, x), module(x))
-    np.testing.assert_allclose(
-        model.apply(other, x), Net(nnx.Rngs(jax.random.key(11)))(x), rtol=1e-6
-    )
-    np.testing.assert_allclose(model.apply(params, x), module(x), rtol=1e-6)

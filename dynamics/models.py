@@ -783,4 +783,10 @@ def resnet_one_neuron(
     )
 
 
-from dynamics.adapters import from_flax, from_nnx  # noqa: E402, F401
+def __getattr__(name):
+    # the Flax adapters live in dynamics.adapters (which imports this module); found here too
+    if name in ("from_flax", "from_nnx"):
+        from dynamics import adapters
+
+        return getattr(adapters, name)
+    raise AttributeError(f"module 'dynamics.models' has no attribute {name!r}")

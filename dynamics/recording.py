@@ -65,7 +65,7 @@ class StepContext(NamedTuple):
     model_state: Any
 
 
-REDUCTIONS = ("mean", "sum", "min", "max", "last")
+REDUCTIONS = ("mean", "sum", "min", "max", "first", "last")
 
 
 class Observable(NamedTuple):
@@ -73,10 +73,12 @@ class Observable(NamedTuple):
 
     name: the variable name in the trace and the store; fn: for kind="state", fn(RecordContext)
     -> array of shape `dims`; for kind="step", fn(StepContext) -> array, combined over the steps
-    of a record interval by `reduce` ("mean", "sum", "min", "max", "last"); dims: names of the
+    of a record interval by `reduce` ("mean", "sum", "min", "max", "first", "last"); dims: names of the
     output's axes ("layer" for one entry per layer; any other name gets the output's length);
     costly: computed every `slow_every` records only; doc: one line stored as its description.
-    fn must be pure and jit/vmap-safe; its output is cast to float32.
+    fn must be pure and jit/vmap-safe; its output is cast to float32. Two Observables are
+    equal when they record the same thing under the same name (name, dims, kind, tier,
+    reduction): a config may build its Observable inside `build()`, once per static point.
     """
 
     name: str
@@ -89,6 +91,18 @@ class Observable(NamedTuple):
 
     def info(self) -> ObservableInfo:
         return ObservableInfo(tuple(self.dims), self.kind, self.costly, self.doc or self.name)
+
+    def _key(self):
+        return (self.name, tuple(self.dims), self.kind, self.costly, self.reduce)
+
+    def __eq__(self, other):
+        return isinstance(other, Observable) and self._key() == other._key()
+
+    def __ne__(self, other):
+        return not self == other
+
+    def __hash__(self):
+        return hash(self._key())
 
 
 _L = ("layer",)

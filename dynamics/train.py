@@ -660,8 +660,9 @@ class _StepStats:
                 hp_t,
                 c.model_state,
             )
+            first = acc["steps"] == 1  # already counts this step
             for n, o in self.user.items():
-                acc[f"user:{n}"] = _user_update(o, acc[f"user:{n}"], o.fn(ctx), live)
+                acc[f"user:{n}"] = _user_update(o, acc[f"user:{n}"], o.fn(ctx), live, first)
         # After divergence nothing reads the gradients any more (pairs and records are
         # masked), so they are carried without a select.
         prev = prev if self.track_cos else ()
@@ -723,11 +724,11 @@ class _StepStats:
 
 
 def _user_zero(o: Observable, shape) -> jax.Array:
-    fill = {"min": jnp.inf, "max": -jnp.inf, "last": jnp.nan}.get(o.reduce, 0.0)
+    fill = {"min": jnp.inf, "max": -jnp.inf, "last": jnp.nan, "first": jnp.nan}.get(o.reduce, 0.0)
     return jnp.full(shape, fill, jnp.float32)
 
 
-def _user_update(o: Observable, acc, value, live):
+def _user_update(o: Observable, acc, value, live, first):
     v = jnp.asarray(value, jnp.float32)
     if o.reduce in ("mean", "sum"):
         return acc + jnp.where(live, v, 0.0)
@@ -735,6 +736,8 @@ def _user_update(o: Observable, acc, value, live):
         return jnp.where(live, jnp.minimum(acc, v), acc)
     if o.reduce == "max":
         return jnp.where(live, jnp.maximum(acc, v), acc)
+    if o.reduce == "first":  # the interval's first step (the gradient at its start, say)
+        return jnp.where(live & first, v, acc)
     return jnp.where(live, v, acc)  # "last"
 
 

@@ -545,3 +545,25 @@ def test_state_observables_can_read_the_initial_parameters():
     ]
     np.testing.assert_allclose(tr["moved"][0], 0.0, atol=1e-7)
     np.testing.assert_allclose(tr["moved"][-1], want, rtol=1e-5)
+
+
+def test_step_observable_reductions_and_equality():
+    t = lambda ctx: ctx.t.astype(jnp.float32)  # noqa: E731
+    obs_ = [dyn.Observable(f"t_{r}", t, kind="step", reduce=r) for r in ("first", "last", "sum")]
+    spec = RunSpec(
+        models.mlp((D, 8, C)),
+        DATA,
+        loss="cross_entropy",
+        steps=6,
+        record_every=3,
+        batch=8,
+        observables=tuple(obs_),
+    )
+    tr = jax.jit(make_run(spec))(_hp(), jax.random.key(0))
+    np.testing.assert_array_equal(np.asarray(tr["t_first"][1:]), [1, 4])
+    np.testing.assert_array_equal(np.asarray(tr["t_last"][1:]), [3, 6])
+    np.testing.assert_array_equal(np.asarray(tr["t_sum"][1:]), [6, 15])
+    # built twice (e.g. once per static point of a sweep), an Observable is the same observable
+    again = dyn.Observable("t_first", lambda ctx: ctx.t, kind="step", reduce="first")
+    assert again == obs_[0] and hash(again) == hash(obs_[0])
+    assert again != obs_[1]

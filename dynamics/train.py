@@ -105,6 +105,9 @@ class RunSpec:
     observables); "float64" (everything in double; needs `jax.config.update("jax_enable_x64",
     True)` before any array is created). keep_state: the trace also holds the run's final
     `RunState` (parameters, optimizer and model state), to keep or to continue the run.
+    data_transform: `f(key, data: RunData, hp) -> RunData`, a pure function giving each run its
+    own draw of the data from a key of its own (a fresh noise input or noise realization per
+    seed, as papers that fit one example do); None: every run reads the spec's data.
     """
 
     model: Model
@@ -129,6 +132,7 @@ class RunSpec:
     precision: str = "float32"
     keep_state: bool = False
     sharpness_tol: float = 1e-4
+    data_transform: Callable | None = None
 
     def __post_init__(self):
         if self.steps is None and self.epochs is None:
@@ -217,6 +221,8 @@ class RunSpec:
                 "precision: float64 needs jax.config.update('jax_enable_x64', True) before any "
                 "array is created"
             )
+        if self.data_transform is not None and not callable(self.data_transform):
+            raise ValueError("data_transform: must be a function f(key, data, hp) -> RunData")
         if self.sharpness_iters < 1:
             raise ValueError(f"sharpness_iters: must be at least 1, got {self.sharpness_iters}")
         _losses.resolve(self.loss)
@@ -911,6 +917,8 @@ def make_run(spec: RunSpec, *, start: int = 0) -> Callable:
         k_init, k_data = jax.random.split(key)
         k_obs = jax.random.fold_in(key, 7)
         k_model = jax.random.fold_in(key, 11)
+        if spec.data_transform is not None:
+            data = spec.data_transform(jax.random.fold_in(key, 13), data, hp)
         if init is None:
             if start:
                 raise ValueError("init: make_run(spec, start=...) continues a run: pass its state")

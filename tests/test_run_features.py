@@ -567,3 +567,32 @@ def test_step_observable_reductions_and_equality():
     again = dyn.Observable("t_first", lambda ctx: ctx.t, kind="step", reduce="first")
     assert again == obs_[0] and hash(again) == hash(obs_[0])
     assert again != obs_[1]
+
+
+def test_data_transform_gives_each_run_its_own_draw():
+    """A fresh noise input per run (from its key): runs of different keys fit different inputs,
+    the same key the same one; the transform sees the run's hyperparameters too."""
+
+    def fresh_input(key, data, hp):
+        return data._replace(
+            x_train=jax.random.uniform(key, data.x_train.shape) * hp.init_scale,
+            x_eval=jax.random.uniform(key, data.x_eval.shape) * hp.init_scale,
+        )
+
+    seen = dyn.Observable("x0", lambda ctx: ctx.data.x_train[0, 0])
+    spec = RunSpec(
+        models.mlp((D, 8, C)),
+        DATA,
+        loss="cross_entropy",
+        steps=2,
+        record_every=1,
+        batch=8,
+        observables=(seen,),
+        data_transform=fresh_input,
+    )
+    run = jax.jit(make_run(spec))
+    a, b = run(_hp(), jax.random.key(0)), run(_hp(), jax.random.key(1))
+    again = run(_hp(), jax.random.key(0))
+    want = jax.random.uniform(jax.random.fold_in(jax.random.key(0), 13), DATA.x_train.shape)
+    np.testing.assert_allclose(a["x0"], float(want[0, 0]), rtol=1e-6)
+    assert float(a["x0"][0]) != float(b["x0"][0]) and float(a["x0"][0]) == float(again["x0"][0])

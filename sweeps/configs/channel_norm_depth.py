@@ -29,15 +29,15 @@ The authors' protocol, each fact from their code:
 - sizes: depths 5, 10 and 30 (one_dim_net_convergence_paper.ipynb, cells 13-19); they trained
   2000-5000 iterations (3000 for channel norm at L=30); here every run takes 3000.
 What moved: nothing of the network, data or optimizer. The authors ran one unseeded run per
-depth and mode (a fresh input and initialization each); we run 32 seeds, which draw the
-initialization, from one fixed input draw (`input_seed`) shared by the seeds: the runner's seeds
-reach the model's init only. The input draw hardly moves the distribution of the gradient at
-init, but it does move how fast the linear nets train. `--set scale=paper` adds depths 2, 15 and
-20 and takes 128 seeds.
+depth and mode, each with a fresh input and initialization; we run 32 seeds, each drawing its
+own initialization and its own input (`fresh_input`, from the run's key through
+`RunSpec.data_transform`; `--set fresh_input=false` shares the one draw of `input_seed`).
+`--set scale=paper` adds depths 2, 15 and 20 and takes 128 seeds.
 """
 
 import functools
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -54,7 +54,13 @@ def step_data(n, channels, input_seed):
     return dyn.data.Dataset(x, y, x[:0], y[:0], 0, f"step-{n}")
 
 
-@functools.cache  # one Observable per record_every, so that every static point records the same
+def fresh_uniform_input(key, data, hp):
+    """The authors draw a new input for every run: x ~ U[0, 1) of the input's shape from the
+    run's own key (`RunSpec.data_transform`); the target stays the step."""
+    x = jax.random.uniform(key, data.x_train.shape, data.x_train.dtype)
+    return data._replace(x_train=x, x_eval=x[: data.x_eval.shape[0]])
+
+
 def grad_at_interval_start(record_every):
     """||dL/dW_k||_2 per layer (weights only: biases and norm parameters excluded) of the
     gradient taken by the FIRST step of each record interval, steps (k-1) r + 1 of record k
@@ -63,20 +69,19 @@ def grad_at_interval_start(record_every):
     interval's last step instead, which is the gradient at init only with record_every=1."""
 
     def fn(ctx):
-        first = (ctx.t - 1) % record_every == 0
-        return jnp.where(first, jnp.sqrt(dyn.recording.weight_sq_norms(ctx.grads)), 0.0)
+        return jnp.sqrt(dyn.recording.weight_sq_norms(ctx.grads))
 
     return dyn.Observable(
         "grad_init",
         fn,
         dims=("layer",),
         kind="step",
-        reduce="sum",
+        reduce="first",
         doc="||dL/dW_k|| of the first step of the record interval (record 1: at init)",
     )
 
 
-def build(steps, record_every, depth, norm, n, kernel, input_seed):
+def build(steps, record_every, depth, norm, n, kernel, input_seed, fresh_input=True):
     model = dyn.linear_conv1d(
         depth,
         kernel=kernel,
@@ -99,6 +104,7 @@ def build(steps, record_every, depth, norm, n, kernel, input_seed):
         record_every=record_every,
         observables=("loss", grad_at_interval_start(record_every)),
         sampling="full",
+        data_transform=fresh_uniform_input if fresh_input else None,
     )
 
 
@@ -108,7 +114,14 @@ SWEEP = Sweep(
     "gradients at init, loss",
     build=build,
     settings=dict(
-        steps=3000, record_every=10, depth=5, norm="bias", n=128, kernel=15, input_seed=0
+        steps=3000,
+        record_every=10,
+        depth=5,
+        norm="bias",
+        n=128,
+        kernel=15,
+        input_seed=0,
+        fresh_input=True,
     ),
     grid=dict(seed=list(range(32)), lr=[0.1], momentum=[0.9]),
     static=dict(depth=[5, 10, 30], norm=["bias", "channel"]),

@@ -10,13 +10,17 @@ from sweeps.spec import (
     parse_overrides,
     resolve,
 )
+from sweeps.states import load_params, load_state, selected_runs
 
 __all__ = [
     "Resolved",
     "SpecError",
     "Sweep",
     "build_specs",
+    "load_params",
+    "load_state",
     "load_sweep",
     "parse_overrides",
     "resolve",
+    "selected_runs",
 ]

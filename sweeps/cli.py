@@ -1,7 +1,8 @@
 """python -m sweeps {list, run, show, plot, report}: the command line of the sweep runner.
 
 Bad input ends with exit status 2 and one line naming the field and the reason, before
-anything is compiled or written.
+anything is compiled or written. An exception raised by the config's own code (its build(), a
+model or observable it defines) that is not bad input is a bug there: it keeps its traceback.
 """
 
 from __future__ import annotations
@@ -22,8 +23,13 @@ class _Parser(argparse.ArgumentParser):
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m sweeps", description="Grids of training runs as compiled programs.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    sub.add_parser("list", help="list the sweeps in sweeps/configs")
-    r = sub.add_parser("run", help="run a sweep into a Zarr store (resuming if it exists)")
+    ls = sub.add_parser("list", help="list the sweeps in sweeps/configs (and in DIR)")
+    ls.add_argument(
+        "dir", nargs="?", default=None, help="also list the config files (*.py) of this directory"
+    )
+    r = sub.add_parser(
+        "run", help="run a sweep into a Zarr store (resuming or growing it if it exists)"
+    )
     r.add_argument("name", help="a sweep in sweeps/configs, or a path to a config .py file")
     r.add_argument(
         "--out",
@@ -35,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="KEY=V[,V...]",
-        help="override a setting or grid axis",
+        help="override a setting or grid axis (also batch_strategy, keep_params=true|false|auto)",
     )
     r.add_argument("--fresh", action="store_true", help="discard an existing store and start over")
     r.add_argument(
@@ -98,15 +104,29 @@ def store_url(out: str, name: str) -> str:
     return out.rstrip("/") + f"/{stem}.zarr"
 
 
-def cmd_list() -> int:
-    from sweeps.spec import config_names, load_sweep
+def cmd_list(directory: str | None = None) -> int:
+    """The built-in sweeps by name, then (with a directory) its config files by path, each
+    with its description; a file that fails to load says why on its line."""
+    from sweeps.spec import SpecError, config_files, config_names, load_sweep
 
-    names = config_names()
-    width = max(map(len, names), default=0)
-    for n in names:
-        sw = load_sweep(n)
-        print(f"{n:<{width}}  {sw.description}")
+    rows = [(n, load_sweep(n).description) for n in config_names()]
+    if directory is not None:
+        for path in config_files(directory):
+            try:
+                rows.append((str(path), load_sweep(str(path)).description))
+            except SpecError as e:
+                rows.append((str(path), f"(cannot load: {e})"))
+            except Exception as e:  # a user's file: say what is wrong and list the others
+                rows.append((str(path), f"(cannot load: {type(e).__name__}: {_first_line(e)})"))
+    width = max((len(n) for n, _ in rows), default=0)
+    for n, desc in rows:
+        print(f"{n:<{width}}  {desc}")
     return 0
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
 
 
 def cmd_run(args) -> int:
@@ -137,7 +157,11 @@ def cmd_run(args) -> int:
 
 def print_summary(res, s) -> None:
     rate = s.runs_now / s.run_seconds if s.run_seconds > 0 else float("nan")
+    if getattr(s, "changes", None):
+        print(f"store grown: {'; '.join(s.changes)}")
     resumed = f", {s.runs_resumed} already done" if s.runs_resumed else ""
+    if getattr(s, "runs_continued", 0):
+        resumed = f", {s.runs_continued} of them continued{resumed}"
     dead = f", {s.dead} dead (every output the same: dead ReLUs)" if s.dead else ""
     print(
         f"sweep {res.sweep.name}: {s.runs} runs ({s.runs_now} run now{resumed}), "
@@ -214,6 +238,8 @@ def show_lines(path: str, ds) -> list[str]:
             lines.append(f"    {where}: step {int(r.item())}")
         if div > 10:
             lines.append(f"    ... and {div - 10} more")
+    if json.loads(attrs.get("layout", "{}")).get("keep_state"):
+        lines.append("  final states: kept per run (sweeps.load_params(path, **selection))")
     settings = json.loads(attrs.get("spec", "{}")).get("settings", {})
     if settings:
         lines.append("  settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()))
@@ -229,11 +255,12 @@ def main(argv=None) -> int:
     from dynamics.data import DataError
     from sweeps.plot import PlotError
     from sweeps.spec import SpecError
+    from sweeps.states import StateError
     from sweeps.store import StoreError
 
     try:
         if args.command == "list":
-            return cmd_list()
+            return cmd_list(args.dir)
         if args.command == "run":
             return cmd_run(args)
         if args.command == "plot":
@@ -245,7 +272,7 @@ def main(argv=None) -> int:
 
             return report.run_cli(args)
         return cmd_show(args)
-    except (SpecError, StoreError, DataError, PlotError, _BadInput) as e:
+    except (SpecError, StoreError, DataError, PlotError, StateError, _BadInput) as e:
         sys.stderr.write(f"error: {str(e).strip().splitlines()[0]}\n")
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:

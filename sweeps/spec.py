@@ -9,16 +9,25 @@ A config module `sweeps/configs/NAME.py` defines
         grid=dict(seed=[0, 1], lr=[0.05, 0.1], batch_size=[16, 128], weight_decay=[0, 1e-3]),
         static=dict(depth=[4, 8]),        # optional: one compile per value, stored as axes
         scales=dict(paper=dict(width=512, seed=list(range(5)))),   # optional presets
+        keep_params=None,                 # optional: final states in the store (None: if small)
     )
 
 `grid` axes are traced (`Hparams` fields plus `seed`): a new value never recompiles.
 `static` axes are settings that take several values: each value is its own program.
 `--set key=v1,v2` overrides any of them; giving a setting several values makes it a static
-axis. Everything is checked here, before anything is compiled or written.
+axis, and an axis declared in `static` stays one (a dimension of the store) even when given a
+single value. Everything is checked here, before anything is compiled or written.
+
+Identity of a sweep (`Resolved.fingerprint`, and what a store compares when it grows): its
+name, its resolved settings, static and grid values, its batch strategy, and its code in a
+normalized form (`code_parts`: each top-level definition's syntax tree, without docstrings,
+comments or formatting, and without the data arguments of `Sweep(...)`, which are compared as
+resolved values), so an edit that changes no number is not a change.
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
 import hashlib
@@ -39,6 +48,10 @@ GRID_AXES = ("seed",) + HPARAM_FIELDS  # seed, lr, weight_decay, batch_size, mom
 STORE_ORDER = ("seed", "lr", "batch_size", "weight_decay", "momentum", "init_scale")
 INT_AXES = {"seed", "batch_size"}
 BATCH_STRATEGIES = ("auto", "bucket", "mask")
+# Sweep(...) arguments that are data, compared as resolved values rather than as code; a
+# description or the keep_params choice changes no number.
+SWEEP_DATA_ARGS = ("name", "description", "settings", "grid", "static", "scales", "keep_params")
+KEEP_CHOICES = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
 
 
 class SpecError(ValueError):
@@ -56,6 +69,9 @@ class Sweep:
     scales: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
     batch_strategy: str = "auto"
     source: str = ""
+    # Final run states (parameters, optimizer and model state) kept in the store: True, False,
+    # or None (kept when they total at most `sweeps.plan.KEEP_STATE_AUTO_BYTES`).
+    keep_params: bool | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +84,7 @@ class Resolved:
     grid: dict[str, list]  # traced axes in store order (seed, lr, batch_size, weight_decay, ...)
     scale: str
     batch_strategy: str
+    keep_params: bool | None = None
 
     @property
     def static_axes(self) -> list[str]:
@@ -92,11 +109,17 @@ class Resolved:
     def settings_for(self, point: Mapping[str, Any]) -> dict[str, Any]:
         return {**self.settings, **point}
 
+    def code(self) -> dict[str, str]:
+        """The normalized code of the sweep's config (`code_parts`)."""
+        return code_parts(self.sweep.source)
+
     def fingerprint(self) -> str:
+        """What the store's numbers depend on in the config: name, code (normalized),
+        settings, static and grid values, batch strategy."""
         blob = json.dumps(
             {
                 "name": self.sweep.name,
-                "source": self.sweep.source,
+                "code": self.code(),
                 "settings": self.settings,
                 "static": self.static,
                 "grid": self.grid,
@@ -115,7 +138,80 @@ class Resolved:
             "static": self.static,
             "grid": self.grid,
             "batch_strategy": self.batch_strategy,
+            "keep_params": self.keep_params,
         }
+
+
+# --------------------------------------------------------------------------- identity
+
+
+def code_parts(source: str) -> dict[str, str]:
+    """{top-level name: digest of its normalized syntax tree} of a config's source.
+
+    Normalized: docstrings dropped (module, class and function), comments and formatting gone
+    (they are not in the tree), and the data arguments of every `Sweep(...)` call
+    (`SWEEP_DATA_ARGS`) removed: those are compared as resolved values. Imports are one part,
+    "imports"; other statements are named by what they define ("<statement k>" otherwise).
+    An unparsable source is one part, its text."""
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return {"source": hashlib.sha256(source.encode()).hexdigest()[:16]}
+    _Normalize().visit(tree)
+    parts: dict[str, list[str]] = {}
+    for k, node in enumerate(tree.body):
+        parts.setdefault(_part_name(node, k), []).append(ast.dump(node))
+    return {n: hashlib.sha256("\n".join(d).encode()).hexdigest()[:16] for n, d in parts.items()}
+
+
+def _part_name(node: ast.stmt, k: int) -> str:
+    if isinstance(node, ast.Import | ast.ImportFrom):
+        return "imports"
+    if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+        return node.name
+    targets = []
+    if isinstance(node, ast.Assign):
+        targets = node.targets
+    elif isinstance(node, ast.AnnAssign | ast.AugAssign):
+        targets = [node.target]
+    names = [n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)]
+    return ", ".join(names) if names else f"<statement {k + 1}>"
+
+
+class _Normalize(ast.NodeTransformer):
+    def _drop_docstring(self, node):
+        body = node.body
+        if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+            if isinstance(body[0].value.value, str):
+                node.body = body[1:] or [ast.Pass()]
+        return node
+
+    def visit_Module(self, node):
+        self.generic_visit(node)
+        body = node.body
+        if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+            node.body = body[1:]
+        node.body = [b for b in node.body if not (isinstance(b, ast.Expr) and _is_str(b.value))]
+        return node
+
+    def visit_FunctionDef(self, node):
+        self.generic_visit(node)
+        return self._drop_docstring(node)
+
+    visit_AsyncFunctionDef = visit_FunctionDef
+    visit_ClassDef = visit_FunctionDef
+
+    def visit_Call(self, node):
+        self.generic_visit(node)
+        f = node.func
+        name = f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else ""
+        if name == "Sweep":
+            node.keywords = [kw for kw in node.keywords if kw.arg not in SWEEP_DATA_ARGS]
+        return node
+
+
+def _is_str(node) -> bool:
+    return isinstance(node, ast.Constant) and isinstance(node.value, str)
 
 
 # --------------------------------------------------------------------------- discovery
@@ -125,6 +221,25 @@ def config_names() -> list[str]:
     import sweeps.configs as pkg
 
     return sorted(m.name for m in pkgutil.iter_modules(pkg.__path__) if not m.name.startswith("_"))
+
+
+def config_files(directory: str) -> list[Path]:
+    """The .py files of a directory that define `SWEEP = ...` at top level (read, not run)."""
+    d = Path(directory)
+    if not d.is_dir():
+        raise SpecError(f"dir: {directory!r} is not a directory")
+    out = []
+    for path in sorted(d.glob("*.py")):
+        if path.name.startswith("_"):
+            continue
+        try:
+            tree = ast.parse(path.read_text())
+        except (SyntaxError, UnicodeDecodeError, OSError):
+            out.append(path)  # let loading it say what is wrong
+            continue
+        if any(_part_name(node, 0) == "SWEEP" for node in tree.body):
+            out.append(path)
+    return out
 
 
 def load_sweep(name: str) -> Sweep:
@@ -225,6 +340,8 @@ def resolve(sweep: Sweep, overrides: Sequence[tuple[str, str]] = ()) -> Resolved
         if k not in settings:
             raise SpecError(f"static: {k!r} must also be a key of settings (its default)")
     batch_strategy = sweep.batch_strategy
+    keep_params = sweep.keep_params
+    declared = set(sweep.static)
     overrides = list(overrides)
     scale = "default"
     for k, v in overrides:
@@ -243,27 +360,38 @@ def resolve(sweep: Sweep, overrides: Sequence[tuple[str, str]] = ()) -> Resolved
                 settings[k] = v
             elif k == "batch_strategy":
                 batch_strategy = v
+            elif k == "keep_params":
+                keep_params = v
             else:
                 raise SpecError(f"scales.{scale}: unknown key {k!r}")
-    known = [*GRID_AXES, *settings, "scale", "batch_strategy"]
+    known = [*GRID_AXES, *settings, "scale", "batch_strategy", "keep_params"]
     for k, text in overrides:
         if k == "scale":
             continue
         if k == "batch_strategy":
             batch_strategy = text.strip()
+        elif k == "keep_params":
+            t = text.strip().lower()
+            if t not in (*KEEP_CHOICES, "auto", "none"):
+                raise SpecError(f"keep_params: expected true, false or auto, got {text!r}")
+            keep_params = KEEP_CHOICES.get(t)
         elif k in GRID_AXES:
             like = 0 if k in INT_AXES else 0.0
             grid[k] = _parse_values(k, text, like)
         elif k in settings:
             like = static[k][0] if k in static else settings[k]
             values = _parse_values(k, text, like)
-            if len(values) > 1:
+            if len(values) > 1 or k in declared:
+                # an axis the sweep declares static stays a dimension of the store, of length
+                # one if need be, so stores of one value and of several line up
                 static[k] = values
             else:
                 static.pop(k, None)
                 settings[k] = values[0]
         else:
             raise _unknown(k, known)
+    if keep_params not in (None, True, False):
+        raise SpecError(f"keep_params: expected True, False or None, got {keep_params!r}")
     if batch_strategy not in BATCH_STRATEGIES:
         raise SpecError(
             f"batch_strategy: must be one of {BATCH_STRATEGIES}, got {batch_strategy!r}"
@@ -281,7 +409,7 @@ def resolve(sweep: Sweep, overrides: Sequence[tuple[str, str]] = ()) -> Resolved
     for k, v in static.items():
         if len(set(map(repr, v))) != len(v):
             raise SpecError(f"{k}: repeated values {v}")
-    return Resolved(sweep, settings, static, full, scale, batch_strategy)
+    return Resolved(sweep, settings, static, full, scale, batch_strategy, keep_params)
 
 
 def _check_grid(grid: dict[str, list | None]) -> None:
@@ -318,6 +446,11 @@ def build_specs(res: Resolved) -> list[tuple[dict[str, Any], Any]]:
 
     Fills unset grid axes from the spec (batch_size: the spec's batch; lr and weight_decay
     must be given), and checks batch sizes against the data and the record schedule.
+    Bad input raised by build() (ValueError, such as dynamics.data.DataError, or a missing
+    file) becomes a one-line SpecError; any other exception is a bug in the config's code and
+    propagates with its traceback. A spec of precision "float64" turns on JAX's 64-bit mode
+    (`jax_enable_x64`) for this process before it is validated: it then holds for every
+    program the process traces.
     """
     from dynamics.train import RunSpec
 
@@ -334,10 +467,15 @@ def build_specs(res: Resolved) -> list[tuple[dict[str, Any], Any]]:
             spec = res.sweep.build(**kwargs)
         except SpecError:
             raise
-        except (ValueError, TypeError, FileNotFoundError) as e:
+        except (ValueError, FileNotFoundError) as e:
             raise SpecError(f"{_first_line(e)}") from e
         if not isinstance(spec, RunSpec):
             raise SpecError(f"build: {res.sweep.name}'s build() must return a dynamics.RunSpec")
+        if getattr(spec, "precision", "float32") == "float64":
+            import jax
+
+            if not jax.config.jax_enable_x64:
+                jax.config.update("jax_enable_x64", True)
         if spec.batch is None and spec.sampling != "full" and res.grid["batch_size"]:
             # the static batch of a sweep is its largest batch size (the runner masks or
             # groups the smaller ones)

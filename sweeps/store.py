@@ -1,17 +1,25 @@
 """The result store: one xarray Dataset in a Zarr group, written chunk by chunk.
 
 Layout (what `xarray.open_zarr(path)` sees):
-  coordinates: every grid axis (static axes, seed, lr, batch_size, weight_decay, ...), step,
-               layer, sv_index (the dimension of the singular values `sv`);
-  variables:   every recorded observable over (grid axes..., step[, layer[, sv_index]]), float32,
-               NaN where not (yet) recorded; per run `status` (int8: -1 not run, 0 finished,
-               1 diverged) and `diverged_step` (int32, -1 if none);
+  coordinates: every grid axis (static axes, of any length, then seed, lr, batch_size,
+               weight_decay, ...), the record axis (`step`, or `epoch` for lengths in epochs),
+               layer with `layer_name` over it ("input", "hidden1", ..., "output"; see
+               sweeps.plan), sv_index (the dimension of the singular values `sv`), and the
+               dimensions users' observables name;
+  variables:   every recorded observable over (grid axes..., step[, layer[, sv_index]]), float32
+               (float64 for precision float64), NaN where not (yet) recorded; per run `status`
+               (int8: -1 not run, 0 finished, 1 diverged, 2 dead, 3 invalid) and
+               `diverged_step` (int32, -1 if none);
   attributes:  the spec and its source, package versions, git commit, device kind and count,
-               compile_seconds, run_seconds, the chunk layout.
+               compile_seconds, run_seconds, the chunk layout, the history of its growth.
+Axis values are in the order they were first given: a store grown by new values has them
+appended (`ds.sortby("lr")` sorts), never re-sorted, so existing runs never move.
 The Zarr chunks of every variable are exactly the runner's chunks of runs, so each runner
 chunk writes its own objects: processes writing disjoint chunks never touch the same object.
-Finished chunks are marked in the subgroup `progress` (invisible to xarray); a chunk is marked
-only after all its variables are written, so a kill loses at most the chunk in flight.
+Progress is the array `progress/done` (invisible to xarray): per run, the length (steps or
+epochs) its stored records reach, 0 if not run; a run is marked only after all its variables
+are written, so a kill loses at most the chunk in flight. Final states (when kept) live in
+the group `final_state` (see sweeps.states).
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-run progress (lengths), final states, layer_name
 
 
 class StoreError(RuntimeError):
@@ -152,32 +160,41 @@ def remove(url: str) -> None:
             fs.rm(root, recursive=True)
 
 
-def create(
-    url: str,
-    coords: dict[str, np.ndarray],
-    variables: dict[str, tuple[tuple[str, ...], np.dtype, Any, dict]],
-    chunks: dict[str, int],
-    attrs: dict,
-    n_chunks: int,
-) -> None:
-    """Create an empty store: coordinates written, variables filled with their fill values.
-
-    variables: name -> (dims, dtype, fill_value, attributes); chunks: dim -> chunk length
-    (dims not named are whole).
-    """
-    zarr = _zarr()
-    root = zarr.open_group(url, mode="w")
-    for name, values in coords.items():
-        # Strings as Zarr's variable-length UTF-8 (fixed-width unicode has no v3 specification).
-        dtype = str if values.dtype.kind in "UO" else values.dtype
-        arr = root.create_array(
-            name, shape=values.shape, dtype=dtype, chunks=values.shape, dimension_names=[name]
+def write_coord(group, name: str, values: np.ndarray, dim: str | None = None) -> None:
+    """Create or replace (resize and rewrite) a 1-D coordinate array over `dim` (default:
+    its own name)."""
+    # Strings as Zarr's variable-length UTF-8 (fixed-width unicode has no v3 specification).
+    dtype = str if values.dtype.kind in "UO" else values.dtype
+    data = values.astype(object) if dtype is str else values
+    if name in group.array_keys():
+        arr = group[name]
+        if arr.shape != values.shape:
+            arr.resize(values.shape)
+    else:
+        arr = group.create_array(
+            name,
+            shape=values.shape,
+            dtype=dtype,
+            chunks=values.shape or (1,),
+            dimension_names=[dim or name],
         )
-        arr[...] = values.astype(object) if dtype is str else values
+    arr[...] = data
+
+
+def create_arrays(
+    group,
+    variables: dict[str, tuple[tuple[str, ...], np.dtype, Any, dict]],
+    sizes: dict[str, int],
+    chunks: dict[str, int],
+) -> None:
+    """Create variables (name -> (dims, dtype, fill_value, attributes)) in a group, chunked by
+    `chunks` (dim -> length; dims not named are whole)."""
     for name, (dims, dtype, fill, vattrs) in variables.items():
-        shape = tuple(len(coords[d]) for d in dims)
-        chunk_shape = tuple(min(chunks.get(d, n), n) for d, n in zip(dims, shape, strict=True))
-        root.create_array(
+        shape = tuple(sizes[d] for d in dims)
+        chunk_shape = tuple(
+            max(1, min(chunks.get(d, n), n)) for d, n in zip(dims, shape, strict=True)
+        )
+        group.create_array(
             name,
             shape=shape,
             dtype=dtype,
@@ -186,8 +203,45 @@ def create(
             dimension_names=list(dims),
             attributes=vattrs,
         )
+
+
+def create(
+    url: str,
+    coords: dict[str, np.ndarray],
+    variables: dict[str, tuple[tuple[str, ...], np.dtype, Any, dict]],
+    chunks: dict[str, int],
+    attrs: dict,
+    run_dims: tuple[str, ...],
+    extra_coords: dict[str, tuple[str, np.ndarray]] | None = None,
+    groups: dict[str, tuple[dict, dict, dict]] | None = None,
+) -> None:
+    """Create an empty store: coordinates written, variables filled with their fill values.
+
+        variables: name -> (dims, dtype, fill_value, attributes); chunks: dim -> chunk length
+        (dims not named are whole); run_dims: the grid axes (the per-run progress array's dims);
+        extra_coords: name -> (dim, values), coordinates over a dimension they do not name
+        (`layer_name` over `layer`), listed in the "coordinates" attribute of the variables over
+        that dimension as xarray reads it; groups: subgroup path -> (variables, attributes, sizes of
+    the dimensions its variables add).
+    """
+    zarr = _zarr()
+    root = zarr.open_group(url, mode="w")
+    extra_coords = extra_coords or {}
+    for name, values in coords.items():
+        write_coord(root, name, values)
+    for name, (dim, values) in extra_coords.items():
+        write_coord(root, name, values, dim)
+
+    sizes = {d: len(v) for d, v in coords.items()}
+    create_arrays(root, variables, sizes, chunks)
     progress = root.create_group("progress")
-    progress.create_array("done", shape=(n_chunks,), dtype="i1", chunks=(1,), fill_value=0)
+    create_arrays(progress, {"done": (tuple(run_dims), np.int32, 0, {})}, sizes, chunks)
+    for path, (gvars, gattrs, gsizes) in (groups or {}).items():
+        g = root.require_group(path)
+        g.attrs.update(gattrs)
+        create_arrays(g, gvars, {**sizes, **gsizes}, chunks)
+    if extra_coords:
+        attrs = {**attrs, "coordinates": " ".join(extra_coords)}
     root.attrs.update({**attrs, "format_version": FORMAT_VERSION, "complete": False})
     consolidate(url)
 
@@ -198,31 +252,104 @@ def consolidate(url: str) -> None:
         _zarr().consolidate_metadata(url)
 
 
-class Writer:
-    """Writes runner chunks into an existing store and marks them done."""
+def open_rw(url: str):
+    """The root group for writing, its metadata read from the arrays themselves (consolidated
+    metadata would give the shapes from before a resize)."""
+    return _zarr().open_group(url, mode="r+", use_consolidated=False)
 
-    def __init__(self, url: str):
-        zarr = _zarr()
+
+class Writer:
+    """Writes units of runs (a runner chunk's region, or some of its runs) into an existing
+    store, with their final states, and marks them done."""
+
+    def __init__(self, url: str, record_axis: str = "step"):
         self.url = url
-        self.root = zarr.open_group(url, mode="r+")
+        self.root = open_rw(url)
+        self.record_axis = record_axis
         self.done = self.root["progress"]["done"]
         self.arrays = {n: self.root[n] for n in self.root.array_keys()}
+        self.states: dict[str, dict] = {}
+        if "final_state" in self.root.group_keys():
+            g = self.root["final_state"]
+            for name in g.group_keys():
+                self.states[name] = {n: g[name][n] for n in g[name].array_keys()}
 
-    def done_chunks(self) -> np.ndarray:
-        return np.asarray(self.done[:]).astype(bool)
+    def done_lengths(self) -> np.ndarray:
+        """Per run: the length its stored records reach (0: not run)."""
+        return np.asarray(self.done[...])
 
-    def write_chunk(
-        self, index: int, region: tuple[slice, ...], values: dict[str, np.ndarray]
+    @staticmethod
+    def _put(arr, sel, v, mask):
+        """Write v into arr[sel]; with mask (over the region's leading dims), only the runs it
+        marks (v holds those runs, in C order), the others read back and kept."""
+        if mask is None:
+            arr[sel] = v.reshape(_sel_shape(sel, arr.shape))
+            return
+        cur = np.asarray(arr[sel])
+        cur[mask] = v
+        arr[sel] = cur
+
+    def write(
+        self,
+        region: tuple[slice, ...],
+        values: dict[str, np.ndarray],
+        *,
+        length: int,
+        mask: np.ndarray | None = None,
+        states: dict[str, np.ndarray] | None = None,
+        state_group: str | None = None,
+        n_static: int = 0,
     ) -> None:
+        """Write a unit: values (name -> array over the unit's runs, region-shaped without a
+        mask, (n, ...) with one) whose record axis holds the last records of the store's (a
+        continued run writes those after its start); its final states into `state_group`;
+        then the runs' progress (`length`)."""
         for name, v in values.items():
             arr = self.arrays[name]
-            sel = region + (slice(None),) * (arr.ndim - len(region))
-            arr[sel] = v
-        self.done[index] = 1
+            dims = list(arr.metadata.dimension_names or ())
+            sel = list(region) + [slice(None)] * (arr.ndim - len(region))
+            if self.record_axis in dims:
+                k = dims.index(self.record_axis)
+                n_rec = v.shape[k if mask is None else k - len(region) + 1]
+                sel[k] = slice(arr.shape[k] - n_rec, arr.shape[k])
+            self._put(arr, tuple(sel), v, mask)
+        if states:
+            traced = region[n_static:]
+            tmask = None if mask is None else mask.reshape(mask.shape[n_static:])
+            for name, v in states.items():
+                arr = self.states[state_group][name]
+                sel = tuple(traced) + (slice(None),) * (arr.ndim - len(traced))
+                self._put(arr, sel, v, tmask)
+        done = np.full(_sel_shape(region, self.done.shape), length, np.int32)
+        if mask is not None:
+            cur = np.asarray(self.done[region])
+            cur[mask] = length
+            done = cur
+        self.done[region] = done
+
+    def read_states(
+        self, state_group: str, traced: tuple[slice, ...], runs: np.ndarray | None
+    ) -> dict[str, np.ndarray]:
+        """The kept final states of a region's runs (traced axes only), as (n, ...) arrays."""
+        out = {}
+        for name, arr in self.states[state_group].items():
+            sel = tuple(traced) + (slice(None),) * (arr.ndim - len(traced))
+            v = np.asarray(arr[sel])
+            v = v.reshape((-1,) + v.shape[len(traced) :])
+            out[name] = v if runs is None else v[list(runs)]
+        return out
 
     def set_attrs(self, **attrs) -> None:
         self.root.attrs.update(attrs)
         consolidate(self.url)
+
+
+def _sel_shape(sel: tuple, shape: tuple[int, ...]) -> tuple[int, ...]:
+    out = []
+    for s, n in zip(tuple(sel) + (slice(None),) * (len(shape) - len(sel)), shape, strict=True):
+        start, stop, _ = s.indices(n)
+        out.append(stop - start)
+    return tuple(out)
 
 
 def json_attr(value) -> str:

@@ -1,0 +1,308 @@
+"""Planning a sweep: its groups (one compiled program each), the strategy that shares programs
+between batch sizes, its chunks of runs (rectangular blocks of the grid, each written to its
+own region of the store), its layers' names, and whether final states are kept.
+
+Layers: a network of L weight layers has layers "input" (the first the input meets),
+"hidden1" .. "hidden{L-2}" and "output". A store whose static points have different depths
+holds the union in that order (the deepest point's names), and every point's layer k goes to
+the slot of its name: its output layer to the last slot, its first L-1 layers to the first
+slots; the slots a shallower point lacks are NaN. So `layer` index k is the same named layer
+at every depth of a store, and `layer_name` (a coordinate over `layer`) says which.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from typing import Any
+
+import numpy as np
+
+from sweeps import states as _states
+from sweeps.memory import estimate_run_bytes, memory_budget
+from sweeps.spec import Resolved, SpecError
+
+
+@dataclasses.dataclass(frozen=True)
+class Group:
+    index: tuple[int, ...]  # index of the group along the group axes
+    point: dict[str, Any]  # static settings of the group
+    spec: Any  # RunSpec with the group's static batch (keep_state set when states are kept)
+    n_layers: int = 0  # weight layers of the group's model
+    n_static: int = 0  # leading entries of `index` that are static axes
+
+    @property
+    def static_index(self) -> tuple[int, ...]:
+        return self.index[: self.n_static]
+
+
+@dataclasses.dataclass(frozen=True)
+class Chunk:
+    id: int
+    group: int
+    region: tuple[slice, ...]  # over the grid axes (static + traced)
+
+
+@dataclasses.dataclass
+class Plan:
+    res: Resolved
+    axes: list[str]  # static axes then traced axes
+    coords: dict[str, list]
+    strategy: str  # "bucket" or "mask"
+    groups: list[Group]
+    block: dict[str, int]  # chunk length along every axis
+    chunks: list[Chunk]
+    n_layers: int
+    n_sv: int
+    steps: np.ndarray  # the record coordinate: steps, or epochs when the length is in epochs
+    dims: dict[str, tuple[str, ...]]  # variable -> dims beyond the grid axes
+    docs: dict[str, str]
+    record_axis: str = "step"
+    sizes: dict[str, int] = dataclasses.field(default_factory=dict)  # every non-grid dimension
+    layer_names: list[str] = dataclasses.field(default_factory=list)
+    keep_state: bool = False
+    templates: dict[tuple, Any] = dataclasses.field(
+        default_factory=dict
+    )  # static index -> Template
+    length: int = 0  # the runs' length: steps, or epochs when the record axis is "epoch"
+    float_dtype: str = "float32"  # of the stored observables (float64 with precision float64)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(len(self.coords[a]) for a in self.axes)
+
+    @property
+    def chunk_runs(self) -> int:
+        return math.prod(self.block[a] for a in self.axes)
+
+    def layer_slots(self, group: Group) -> np.ndarray:
+        """The store's layer slot of each of the group's layers (see the module docstring)."""
+        return layer_slots(group.n_layers, len(self.layer_names))
+
+
+def layer_names(n: int) -> list[str]:
+    """Names of the n weight layers of a network, from the input on."""
+    if n == 1:
+        return ["output"]
+    return ["input"] + [f"hidden{k}" for k in range(1, n - 1)] + ["output"] if n else []
+
+
+def layer_slots(n: int, n_store: int) -> np.ndarray:
+    """Where a network of n layers puts them in a store of n_store slots: its first n - 1
+    layers in the first slots, its output layer in the last."""
+    return np.asarray(list(range(n - 1)) + [n_store - 1], np.int64) if n else np.zeros(0, int)
+
+
+def choose_strategy(res: Resolved, specs) -> str:
+    """How runs of different batch sizes share programs (`make bench` measures both):
+
+    "bucket": one program per batch size, each computing only its own batch;
+    "mask": one program at the largest size, each run's batch masked to its true size.
+
+    Masking computes every run at the largest size, except where the compiled MLP gradient
+    trains the model (`dynamics.native.dense_loss_fn`, on the CPU): it never reads past a batch's
+    last example of nonzero weight, so a masked run costs about what its true batch size does
+    (the reference grid: 4-9% more run time than bucketing) while the sweep compiles one program
+    instead of one per batch size (cold compile 32.5 s -> 7.5-9.4 s there). So "auto" masks with
+    one batch size, full-batch sampling or that kernel, and buckets otherwise."""
+    epochs = specs[0][1].epochs is not None and specs[0][1].sampling != "full"
+    if epochs and len(res.grid["batch_size"]) > 1:
+        if res.batch_strategy == "mask":
+            raise SpecError(
+                "batch_strategy: 'mask' cannot train several batch sizes for the same number of "
+                "epochs (each takes its own number of steps); use 'auto' or 'bucket'"
+            )
+        return "bucket"
+    if res.batch_strategy != "auto":
+        return res.batch_strategy
+    if len(res.grid["batch_size"]) == 1 or specs[0][1].sampling == "full":
+        return "mask"
+    from dynamics.train import cpu_kernels, dense_gradient
+
+    if cpu_kernels() and all(dense_gradient(spec) for _, spec in specs):
+        return "mask"
+    return "bucket"
+
+
+def _block_shape(
+    axes: list[str], shape: dict[str, int], fixed: set[str], target: int
+) -> dict[str, int]:
+    """Largest rectangular block of at most `target` runs: whole trailing axes, part of one."""
+    block = {a: 1 for a in axes}
+    prod = 1
+    for a in reversed(axes):
+        if a in fixed:
+            continue
+        n = shape[a]
+        if prod * n <= target:
+            block[a] = n
+            prod *= n
+        else:
+            block[a] = max(1, target // prod)
+            break
+    return block
+
+
+def plan(
+    res: Resolved, specs: list, chunk_runs: int | None = None, layout: dict | None = None
+) -> Plan:
+    from dynamics.train import describe, docs
+
+    """The groups, chunks and store layout of a resolved sweep. layout: a store's stored layout
+    ({"strategy", "block", "keep_state"}) to resume or grow it with the same chunks; chunk_runs:
+    runs per chunk (default: sized to the device memory)."""
+    strategy = layout["strategy"] if layout else choose_strategy(res, specs)
+    static_axes = res.static_axes
+    grid_axes = res.grid_axes
+    axes = static_axes + grid_axes
+    coords = {**res.static, **res.grid}
+    observables = specs[0][1].observables
+    steps = specs[0][1].record_coords()
+    record_axis = specs[0][1].record_axis
+    for _, s in specs[1:]:
+        same = s.record_axis == record_axis and np.array_equal(s.record_coords(), steps)
+        if s.observables != observables or not same:
+            raise SpecError("static: every static point must record the same observables and steps")
+
+    groups: list[Group] = []
+    bucket = strategy == "bucket"
+    bs_values = res.grid["batch_size"]
+    static_index = list(itertools.product(*[range(len(v)) for v in res.static.values()])) or [()]
+    keep, templates = _keep_states(res, specs, static_index, layout)
+    ns = len(static_axes)
+
+    import jax
+
+    from dynamics import observables as obs
+
+    n_layers = n_sv = 0
+    for idx, (point, spec) in zip(static_index, specs, strict=True):
+        shapes = jax.eval_shape(spec.model.init, jax.random.key(0))
+        n, n_layers = len(shapes), max(n_layers, len(shapes))
+        n_sv = max(n_sv, obs.max_singular_values(shapes))
+        spec = dataclasses.replace(spec, keep_state=True) if keep else spec
+        if bucket:
+            for j, bs in enumerate(bs_values):
+                spec_j = dataclasses.replace(spec, batch=int(bs))
+                groups.append(Group(idx + (j,), point, spec_j, n, ns))
+        elif spec.sampling == "full":
+            groups.append(Group(idx, point, spec, n, ns))
+        else:
+            spec_b = dataclasses.replace(spec, batch=int(max(bs_values)))
+            groups.append(Group(idx, point, spec_b, n, ns))
+    dims = describe(groups[0].spec)
+    sizes = {record_axis: len(steps), "layer": n_layers, "sv_index": n_sv}
+    sizes.update(_user_dim_sizes(groups, dims, sizes))
+    trace_floats = sum(math.prod(sizes[d] for d in dd) for dd in dims.values())
+    if keep:
+        trace_floats += max(t.nbytes for t in templates.values()) // 4
+
+    shape = {a: len(coords[a]) for a in axes}
+    fixed = set(static_axes) | ({"batch_size"} if bucket else set())
+    if layout:
+        block = dict(layout["block"])
+    else:
+        if chunk_runs is None:
+            budget, cap = memory_budget()
+            per_run = max(estimate_run_bytes(g.spec, trace_floats) for g in groups)
+            chunk_runs = max(1, min(cap, budget // per_run))
+        block = _block_shape(axes, shape, fixed, int(chunk_runs))
+
+    chunks: list[Chunk] = []
+    group_axes = static_axes + (["batch_size"] if bucket else [])
+    for gi, g in enumerate(groups):
+        gidx = dict(zip(group_axes, g.index, strict=True))
+        ranges = []
+        for a in axes:
+            if a in gidx:
+                ranges.append([slice(gidx[a], gidx[a] + 1)])
+            else:
+                n, b = shape[a], block[a]
+                ranges.append([slice(i, min(i + b, n)) for i in range(0, n, b)])
+        for region in itertools.product(*ranges):
+            chunks.append(Chunk(len(chunks), gi, tuple(region)))
+    all_docs = docs(groups[0].spec)
+    first = specs[0][1]
+    f64 = any(sp.precision == "float64" for _, sp in specs) and _records_float64(groups, dims)
+    return Plan(
+        res,
+        axes,
+        coords,
+        strategy,
+        groups,
+        block,
+        chunks,
+        n_layers,
+        n_sv,
+        steps,
+        dims,
+        {n: all_docs.get(n, "") for n in dims},
+        record_axis,
+        sizes,
+        layer_names(n_layers),
+        keep,
+        templates,
+        int(first.epochs if first.epochs is not None else first.steps),
+        "float64" if f64 else "float32",
+    )
+
+
+def _records_float64(groups, dims) -> bool:
+    """Whether a run's trace holds float64 records (precision float64 and a library that records
+    in double): the store then keeps them in float64."""
+    import jax
+
+    from dynamics.steps import Hparams
+    from dynamics.train import as_hparams, make_run
+
+    for g in groups:
+        if g.spec.precision != "float64":
+            continue
+        shapes = jax.eval_shape(make_run(g.spec), as_hparams(Hparams()), jax.random.key(0))
+        if any(np.dtype(shapes[n].dtype) == np.float64 for n in dims if n in shapes):
+            return True
+    return False
+
+
+def _keep_states(res: Resolved, specs, static_index, layout) -> tuple[bool, dict]:
+    """Whether the store keeps final states (a store's layout decides once it exists; else
+    res.keep_params, and None keeps them if they total at most KEEP_STATE_AUTO_BYTES), and the
+    state template of every static point when it does."""
+    want = layout.get("keep_state", False) if layout else res.keep_params
+    if want is False:
+        return False, {}
+    templates = {
+        idx: _states.template(spec) for idx, (_, spec) in zip(static_index, specs, strict=True)
+    }
+    if not all(_states.storable(t) for t in templates.values()):
+        if want:
+            raise SpecError("keep_params: the run state holds leaves Zarr cannot store")
+        return False, {}
+    if want is None:
+        per_point = math.prod(len(v) for v in res.grid.values())
+        total = per_point * sum(t.nbytes for t in templates.values())
+        if total > _states.KEEP_STATE_AUTO_BYTES:
+            return False, {}
+    return True, templates
+
+
+def _user_dim_sizes(groups, dims, known: dict) -> dict[str, int]:
+    """Lengths of the dimensions users' observables name beyond the known ones, read off the
+    traced shapes of one run of every group (the largest across groups)."""
+    extra = {d for dd in dims.values() for d in dd if d not in known}
+    if not extra:
+        return {}
+    import jax
+
+    from dynamics.steps import Hparams
+    from dynamics.train import as_hparams, make_run
+
+    out: dict[str, int] = {}
+    for g in groups:
+        shapes = jax.eval_shape(make_run(g.spec), as_hparams(Hparams()), jax.random.key(0))
+        for name, dd in dims.items():
+            for d, n in zip(dd, shapes[name].shape, strict=True):
+                if d in extra:
+                    out[d] = max(out.get(d, 0), int(n))
+    return out

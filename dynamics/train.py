@@ -917,6 +917,7 @@ def make_run(spec: RunSpec, *, start: int = 0) -> Callable:
         k_init, k_data = jax.random.split(key)
         k_obs = jax.random.fold_in(key, 7)
         k_model = jax.random.fold_in(key, 11)
+        k_costly = jax.random.fold_in(key, 17)
         if spec.data_transform is not None:
             data = spec.data_transform(jax.random.fold_in(key, 13), data, hp)
         if init is None:
@@ -1045,7 +1046,9 @@ def make_run(spec: RunSpec, *, start: int = 0) -> Callable:
             rs = r0 + s * spec.slow_every + 1 + jnp.arange(spec.slow_every)
             c, cheap = jax.lax.scan(record, c, rs)
             r_last = r0 + (s + 1) * spec.slow_every
-            key = jax.random.fold_in(k_obs, 1 + spec.n_records + (r_last // spec.slow_every) - 1)
+            # a stream of its own, indexed by the record: the same whatever the run's length,
+            # so a continued run's costly records (sharpness's start vector) equal a longer run's
+            key = jax.random.fold_in(k_costly, r_last)
             costly = observe_at(c.run, r_last, costly_state, key)
             return c, (cheap, mask_nan(costly, c.run.diverged))
 

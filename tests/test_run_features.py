@@ -410,7 +410,7 @@ def test_a_continued_run_equals_the_longer_run(length):
         loss="cross_entropy",
         record_every=2,
         batch=8,
-        observables=("loss", "rho", "grad_corr", "rank"),
+        observables=("loss", "rho", "grad_corr", "rank", "sharpness"),
         keep_state=True,
         lr_schedule=dyn.step_decay((3,), 0.5),
         slow_every=2,
@@ -421,7 +421,7 @@ def test_a_continued_run_equals_the_longer_run(length):
     full = jax.jit(make_run(long))(hp, key)
     first = jax.jit(make_run(short))(hp, key)
     rest = jax.jit(make_run(long, start=4))(hp, key, None, first["final_state"])
-    for n in ("loss", "rho", "grad_cos", "rank"):
+    for n in ("loss", "rho", "grad_cos", "rank", "sharpness"):
         np.testing.assert_allclose(
             np.concatenate([first[n], rest[n]]), full[n], rtol=2e-6, atol=1e-7, err_msg=n
         )

@@ -3,10 +3,13 @@
 neural_collapse: NC1 (within- over between-class variability, and the CDNV), NC2 (equinorm
 and equiangularity of the centred class means, and their mean cosine against -1/(C-1)), NC3
 (classifier vs class means), NC4 (classifier vs nearest class mean), and the accuracies, over
-training; the shaded region is the terminal phase (100% training accuracy on every seed).
+epochs; the shaded region is the terminal phase (100% training accuracy on every seed), the
+dotted lines the learning-rate decays.
 """
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 from matplotlib.ticker import NullFormatter
@@ -14,6 +17,7 @@ from matplotlib.ticker import NullFormatter
 from figures import common
 
 SWEEPS = ("neural_collapse",)
+NAME = "neural_collapse"
 
 
 def _fixed(ds):
@@ -23,22 +27,64 @@ def _fixed(ds):
     return ds
 
 
-def terminal_step(ds) -> float:
+def terminal_epoch(ds) -> float:
     """Start of the terminal phase: the first record at which every seed fits every training
     example (a seed may later drop one now and then)."""
     full = np.flatnonzero((ds.accuracy >= 1.0).all("seed").values)
-    return float(ds.step.values[full[0]]) if full.size else float("nan")
+    return float(ds.epoch.values[full[0]]) if full.size else float("nan")
+
+
+def nc_records(ds):
+    """The records where the costly statistics were computed (every slow_every; init too)."""
+    slow = np.isfinite(ds.nc1.isel(seed=0)).values
+    slow[0] = True
+    return ds.isel(epoch=np.flatnonzero(slow))
+
+
+def numbers(ds) -> dict:
+    C = int(ds.attrs.get("num_classes", 10)) if "num_classes" in ds.attrs else 10
+    nc = nc_records(ds)
+    t_tp = terminal_epoch(ds)
+    nc1 = nc.nc1.values  # (seed, record)
+    i_tp = int(np.searchsorted(nc.epoch.values, t_tp)) if np.isfinite(t_tp) else 0
+    i_tp = min(i_tp, nc1.shape[1] - 1)
+    s = json.loads(ds.attrs["spec"])["settings"]
+    return {
+        "classes": C,
+        "epochs": int(ds.epoch.values[-1]),
+        "steps": int(ds.step.isel(seed=0).values[-1]),
+        "milestones": list(s["milestones"]),
+        "seeds": int(ds.sizes["seed"]),
+        "lr": float(ds.lr),
+        "wd": float(ds.weight_decay),
+        "width": int(s["width"]),
+        "depth": int(s["depth"]),
+        "terminal_epoch": t_tp,
+        "nc1_init": [float(v) for v in nc1[:, 0]],
+        "nc1_end": [float(v) for v in nc1[:, -1]],
+        "nc1_fall": [float(v) for v in nc1[:, 0] / nc1[:, -1]],
+        "nc1_fall_terminal": [float(v) for v in nc1[:, i_tp] / nc1[:, -1]],
+        "cos_end": [float(v) for v in nc.nc2_cos.values[:, -1]],
+        "cos_target": -1.0 / (C - 1),
+        "nc2_end": [float(v) for v in nc.nc2.values[:, -1]],
+        "equinorm_end": [float(v) for v in nc.nc2_equinorm.values[:, -1]],
+        "nc3_init": [float(v) for v in nc.nc3.values[:, 0]],
+        "nc3_end": [float(v) for v in nc.nc3.values[:, -1]],
+        "nc4_end": [float(v) for v in nc.nc4.values[:, -1]],
+        "test_accuracy": [float(v) for v in ds.test_accuracy.values[:, -1]],
+        "seconds": float(ds.attrs.get("compile_seconds", 0))
+        + float(ds.attrs.get("run_seconds", 0)),
+    }
 
 
 def draw(datasets):
     ds = _fixed(datasets["neural_collapse"]).load()
     plt = common.setup()
-    C = int(ds.attrs.get("num_classes", 10))
-    slow = np.isfinite(ds.nc1.isel(seed=0)).values
-    slow[0] = True
-    nc = ds.isel(step=np.flatnonzero(slow))
-    x, xs = ds.step.values, nc.step.values
-    t_tp = terminal_step(ds)
+    C = 10
+    nc = nc_records(ds)
+    x, xs = ds.epoch.values, nc.epoch.values
+    t_tp = terminal_epoch(ds)
+    s = json.loads(ds.attrs["spec"])["settings"]
     fig, axes = plt.subplots(2, 3, figsize=(10.5, 5.8))
     ax = axes[0, 0]
     common.band(ax, xs, nc.nc1, log=True, label="NC1 = tr(S_W S_B⁺)/C", color="C0")
@@ -66,7 +112,7 @@ def draw(datasets):
     common.band(ax, xs, nc.nc4, color="C0", label="argmax f ≠ nearest class mean")
     ax.set_ylabel("fraction of training examples")
     ax.set_title("NC4: classifier = nearest class mean")
-    ax.set_ylim(-0.02, max(0.1, float(nc.nc4.isel(step=slice(1, None)).max()) * 1.1))
+    ax.set_ylim(-0.02, max(0.1, float(nc.nc4.isel(epoch=slice(1, None)).max()) * 1.1))
     ax = axes[1, 2]
     common.band(ax, x, 1 - ds.accuracy, log=True, color="C0", label="training error")
     common.band(ax, x, 1 - ds.test_accuracy, log=True, color="C1", label="test error")
@@ -76,9 +122,11 @@ def draw(datasets):
     ax.set_ylabel("error / loss")
     ax.set_title("training and test error")
     for ax in axes.flat:
-        ax.set_xlabel("step (SGD iterations)")
+        ax.set_xlabel("epoch")
         if np.isfinite(t_tp):
             ax.axvspan(t_tp, x[-1], color="0.92", zorder=-1)
+        for m in s["milestones"]:
+            ax.axvline(m, color="0.6", ls=":", lw=0.8)
         lo, hi = ax.get_ylim()
         if ax.get_yscale() == "log" and hi / lo > 30:  # minor labels only on short log axes
             ax.yaxis.set_minor_formatter(NullFormatter())
@@ -86,22 +134,65 @@ def draw(datasets):
     axes[0, 0].text(
         t_tp, axes[0, 0].get_ylim()[1], " terminal phase", va="top", ha="left", fontsize=7
     )
-    nc1 = nc.nc1.mean("seed").values
-    i_tp = int(np.searchsorted(xs, t_tp)) if np.isfinite(t_tp) else 1
+    n = numbers(ds)
     fig.suptitle(
-        f"Neural collapse under the square loss: NC1 falls {nc1[0] / nc1[-1]:.0f}x over training "
-        f"({nc1[min(i_tp, len(nc1) - 1)] / nc1[-1]:.0f}x within the terminal phase)",
+        f"Neural collapse under the square loss: NC1 falls {np.mean(n['nc1_fall']):.0f}x over "
+        f"training ({np.mean(n['nc1_fall_terminal']):.0f}x within the terminal phase)",
         fontsize=9,
     )
     fig.tight_layout(rect=(0, 0.03, 1, 0.97))
-    lr = float(ds.lr) if "lr" in ds.coords else float("nan")
-    wd = float(ds.weight_decay) if "weight_decay" in ds.coords else float("nan")
-    mom = float(ds.momentum) if "momentum" in ds.coords else 0.0
-    bs = int(ds.batch_size) if "batch_size" in ds.coords else 0
     common.caption(
         fig,
-        f"all 10 digits classes, MLP with batch norm, square loss on one-hot labels, SGD lr {lr:g}, "
-        f"momentum {mom:g}, wd {wd:g}, batch {bs}; {ds.sizes.get('seed', 1)} seeds (line: mean, "
-        "band: min–max); statistics of the penultimate features on the training set",
+        f"all 10 digits classes, MLP {s['depth']}x{s['width']} with BN and biases, square loss "
+        f"on one-hot labels, SGD lr {n['lr']:g} (÷10 at epochs "
+        f"{', '.join(str(m) for m in s['milestones'])}), momentum {float(ds.momentum):g}, "
+        f"wd {n['wd']:g}, batch {int(ds.batch_size)}; {n['seeds']} seeds (line: mean, band: "
+        "min–max); penultimate features of the training set in eval mode",
     )
+    common.save_numbers(NAME, n)
     return common.save(fig, "neural_collapse")
+
+
+def _range(v, digits=2):
+    lo, hi = min(v), max(v)
+    a, b = common.fmt(lo, digits), common.fmt(hi, digits)
+    return a if a == b else f"{a}–{b}"
+
+
+def gallery(n: dict) -> str:
+    ms = ", ".join(str(m) for m in n["milestones"])
+    lines = [
+        common.image("neural_collapse"),
+        "",
+        "Protocol (`sweeps/configs/neural_collapse.py`; the P2 authors' repository has no "
+        "neural-collapse code, so this is Papyan, Han & Donoho's, from their papers):",
+        "",
+        "| | Papyan et al. 2020 / Han et al. 2022 | ours (CPU scale) | why different |",
+        "|---|---|---|---|",
+        "| data | MNIST, CIFAR-10/100, SVHN, ... (no augmentation) | all 10 digits classes "
+        "| CPU scale |",
+        f"| net | VGG / ResNet / DenseNet | MLP {n['depth']}x{n['width']}, BN, biases | CPU "
+        "scale |",
+        "| loss | MSE on one-hot labels (Han et al.) | same | — |",
+        f"| optimizer | SGD momentum 0.9, wd 5e-4, batch 128, lr tuned, ÷10 at 1/3 and 2/3 "
+        f"of 350 epochs | same, lr {n['lr']:g}, ÷10 at epochs {ms} | — |",
+        "| statistics | NC1–NC4 of the training features | same (eval-mode features) | — |",
+        "",
+        "| claim | authors | ours |",
+        "|---|---|---|",
+        "| NC1 falls in the terminal phase | by orders of magnitude | "
+        f"{_range(n['nc1_init'])} → {_range(n['nc1_end'])} ({_range(n['nc1_fall'], 3)}x; "
+        f"{_range(n['nc1_fall_terminal'])}x after 100% training accuracy at epoch "
+        f"{n['terminal_epoch']:g}) |",
+        f"| class-mean cosines → −1/(C−1) = {common.fmt(n['cos_target'], 4)} | yes | "
+        f"{_range(n['cos_end'], 4)} (mean \\|cos + 1/(C−1)\\| {_range(n['nc2_end'])}, "
+        f"equinorm std/mean {_range(n['equinorm_end'])}) |",
+        "| classifier ∝ class means (NC3) | → 0 | "
+        f"{_range(n['nc3_init'])} → {_range(n['nc3_end'])} |",
+        "| classifier = nearest class mean (NC4) | → 0 | "
+        f"{_range(n['nc4_end'])} of training examples disagree |",
+        "",
+        f"{n['seeds']} seeds, {n['epochs']} epochs ({n['steps']} steps), test accuracy "
+        f"{_range(n['test_accuracy'], 3)}; sweep {common.fmt(n['seconds'], 2)} s (compile + run).",
+    ]
+    return "\n".join(lines) + "\n"

@@ -172,7 +172,7 @@ OBSERVABLES: dict[str, ObservableInfo] = {
         "step",
         False,
         "mean normalized margin f_y - max_j!=y f_j over rho_eff on every training minibatch of "
-        "the interval, in train mode before its step",
+        "the interval, in train mode before its step (rho_eff after its forward pass)",
     ),
     "train_margin_std": ObservableInfo((), "step", False, "std of those margins"),
     "train_margin_min": ObservableInfo((), "step", False, "smallest of those margins"),

@@ -681,14 +681,17 @@ class _StepStats:
         return t % per == 0
 
     def _margins(self, acc, c: RunState, batch: Batch, live):
-        """Normalized margins of the batch's kept examples, in train mode at the parameters and
-        model state before the step (the P2 authors' collection over an epoch)."""
+        """Normalized margins of the batch's kept examples, in train mode at the parameters
+        before the step, over rho_eff with the running statistics that forward pass leaves (the
+        P2 authors' collection; pooled over the record interval)."""
         model = self.spec.model
         params = jax.tree.map(jax.lax.stop_gradient, c.state.params)
         f = _models.forward(
             model, params, c.model_state, batch.x, batch.weights > 0, train=True, key=batch.key
         )
-        r = obs.rho_eff(params, c.model_state)
+        # rho_eff after the forward pass has updated the running statistics, as the P2
+        # authors read it (their batch-norm layers update running_var in that same pass)
+        r = obs.rho_eff(params, f.state)
         m = obs.margins(f.y, batch.y, r)
         keep = (batch.weights > 0) & live
         kf = keep.astype(jnp.float32)

@@ -123,7 +123,9 @@ def constant() -> Schedule:
 
 def step_decay(boundaries, factor: float, unit: str = "epoch") -> Schedule:
     """lr_t = lr * factor^(number of boundaries passed): at epochs (PyTorch's MultiStepLR with
-    milestones `boundaries` and gamma `factor`, stepped per epoch) or steps."""
+    milestones `boundaries` and gamma `factor`, `scheduler.step()` called after each epoch) or
+    steps. Code that calls `scheduler.step(epoch)` at the START of epochs counted from 1 (as some
+    papers' code does) decays one epoch earlier: milestone m there is m - 1 here."""
     return StepDecay(tuple(boundaries), float(factor), unit)
 
 

@@ -183,6 +183,17 @@ class RunSpec:
                 raise ValueError(f"batch: must be an integer >= 1, got {self.batch!r}")
             if self.sampling in ("permutation", "epochs") and self.batch > n:
                 raise ValueError(f"batch: {self.batch} exceeds the {n} training examples")
+        if (
+            self.epochs is not None
+            and self.sampling == "epochs"
+            and self.model.init_state is not None
+            and n % self.batch == 1
+        ):
+            raise ValueError(
+                f"batch: {n} training examples in batches of {self.batch} leave a last batch of "
+                "one example, whose batch statistics are undefined (PyTorch refuses it): change "
+                "the batch size or the number of training examples"
+            )
         if self.eval_size is not None and (
             not isinstance(self.eval_size, int | np.integer) or self.eval_size < 1
         ):

@@ -55,6 +55,12 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--num-processes", type=int, default=None)
     r.add_argument("--process-id", type=int, default=None)
     r.add_argument("--quiet", action="store_true", help="no progress bar")
+    r.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check everything and say what would run (runs, programs, chunks, store); compile "
+        "and write nothing",
+    )
     s = sub.add_parser("show", help="summarize a store: axes, variables, status, diverged runs")
     s.add_argument("path")
     pl = sub.add_parser(
@@ -147,11 +153,38 @@ def cmd_run(args) -> int:
     if args.distributed:
         dist = runner.Distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     specs = build_specs(res)
+    if args.dry_run:
+        return dry_run(res, specs, url, args.chunk)
     summary = runner.execute(
         res, specs, url, fresh=args.fresh, chunk_runs=args.chunk, dist=dist, progress=not args.quiet
     )
     if dist is None or dist.index == 0:
         print_summary(res, summary)
+    return 0
+
+
+def dry_run(res, specs, url, chunk) -> int:
+    """What `run` would do, from the checked spec alone: no compilation, nothing written."""
+    import math
+
+    from sweeps import runner
+    from sweeps import store as _store
+
+    p = runner.plan(res, specs, chunk)
+    n = math.prod(p.shape)
+    groups = len(p.groups)
+    exists = _store.exists(url)
+    print(
+        f"sweep {res.sweep.name}: {n} runs in {groups} program{'' if groups == 1 else 's'} "
+        f"(batch sizes: {p.strategy}), {len(p.chunks)} chunks of up to {p.chunk_runs} runs"
+    )
+    axes = ", ".join(f"{a}[{len(p.coords[a])}]" for a in p.axes)
+    print(f"axes: {axes}; {len(p.steps)} records of {', '.join(p.dims)}"[:400])
+    print(
+        f"store: {url} "
+        + ("(exists: run would resume, grow it or refuse a different spec)" if exists else "(new)")
+    )
+    print("dry run: nothing compiled or written")
     return 0
 
 

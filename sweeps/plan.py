@@ -147,11 +147,11 @@ def _block_shape(
 def plan(
     res: Resolved, specs: list, chunk_runs: int | None = None, layout: dict | None = None
 ) -> Plan:
-    from dynamics.train import describe, docs
-
     """The groups, chunks and store layout of a resolved sweep. layout: a store's stored layout
     ({"strategy", "block", "keep_state"}) to resume or grow it with the same chunks; chunk_runs:
     runs per chunk (default: sized to the device memory)."""
+    from dynamics.train import describe, docs
+
     strategy = layout["strategy"] if layout else choose_strategy(res, specs)
     static_axes = res.static_axes
     grid_axes = res.grid_axes

@@ -558,3 +558,16 @@ def test_slot_order_spreads_runs_over_devices():
     for d, block in enumerate(order.reshape(3, 4)):
         assert all(r % 3 == d for r in block)
     np.testing.assert_array_equal(runner.slot_order(8, 1), np.arange(8))
+
+
+def test_dry_run_checks_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    def no_compile(*a, **k):
+        raise AssertionError("a dry run reached compilation")
+
+    monkeypatch.setattr(runner.Program, "compile", no_compile)
+    out = tmp_path / "dry.zarr"
+    assert cli.main(["run", TINY, "--out", str(out), "--dry-run", "--set", "lr=0.1,0.3,0.5"]) == 0
+    text = capsys.readouterr().out
+    assert "24 runs in 1 program" in text or "24 runs in 2 programs" in text
+    assert "dry run: nothing compiled or written" in text and not out.exists()
+    assert cli.main(["run", TINY, "--out", str(out), "--dry-run", "--set", "lr=-1"]) == 2

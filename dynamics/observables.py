@@ -172,6 +172,8 @@ def spectrum_method_for(shape, method: str = "auto") -> str:
 
 def _svals(w, method):
     method = spectrum_method_for(w.shape, method)
+    if method == "native" and w.dtype != jnp.float32:  # the kernel is float32's
+        method = "svd"
     if method == "native":
         from dynamics import native
 
@@ -283,8 +285,9 @@ def adjacent_parts(prev, grads):
 
     from dynamics import native
 
-    if not native.available():
-        return xla(prev, grads)
+    leaves = jax.tree.leaves(grads)
+    if not native.available() or any(x.dtype != jnp.float32 for x in leaves):
+        return xla(prev, grads)  # the kernel is float32's
 
     def kernel(prev, grads):
         leaves_g, tree = jax.tree.flatten(grads)

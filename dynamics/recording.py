@@ -76,7 +76,8 @@ class Observable(NamedTuple):
     of a record interval by `reduce` ("mean", "sum", "min", "max", "first", "last"); dims: names of the
     output's axes ("layer" for one entry per layer; any other name gets the output's length);
     costly: computed every `slow_every` records only; doc: one line stored as its description.
-    fn must be pure and jit/vmap-safe; its output is cast to float32. Two Observables are
+    fn must be pure and jit/vmap-safe; its output is cast to float32 (float64 in float64 runs).
+    Two Observables are
     equal when they record the same thing under the same name (name, dims, kind, tier,
     reduction): a config may build its Observable inside `build()`, once per static point.
     """
@@ -274,6 +275,11 @@ def weight_sq_norms(grads) -> jax.Array:
     return jnp.stack(out)
 
 
+def record_dtype(spec):
+    """Records are float32, or float64 when the run computes in float64 (its numbers kept)."""
+    return jnp.float64 if spec.precision == "float64" else jnp.float32
+
+
 def make_state_observer(
     spec, loss: Callable, loss_fn: Callable, n_layers: int, sv_pad: int, user: dict
 ) -> Callable:
@@ -284,6 +290,7 @@ def make_state_observer(
     num_classes = int(spec.data.num_classes)
     eval_train = spec.eval_mode == "train" or model.forward is None
     rank_layers = spec.rank_layers
+    rec = record_dtype(spec)
 
     def predict(params, model_state, x, train=None):
         train = eval_train if train is None else train
@@ -351,7 +358,7 @@ def make_state_observer(
             )
             for n in users:
                 out[n] = user[n].fn(ctx)
-        return {n: jnp.asarray(out[n], jnp.float32) for n in which}
+        return {n: jnp.asarray(out[n], rec) for n in which}
 
     return observe
 

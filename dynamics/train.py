@@ -599,39 +599,40 @@ class _StepStats:
         self.track_margin = bool(want & set(ALIASES["train_margins"]))
         self.track_dist = bool(want & _rec.EPOCH_ONLY)
         self.user_shapes: dict = {}  # set by make_run once the shapes are traced
+        self.f = _rec.record_dtype(spec)  # accumulators' dtype: float32, or float64 runs'
 
     def zero(self) -> dict:
         L = self.n_layers
-        acc = {"steps": jnp.zeros((), jnp.float32)}
+        acc = {"steps": jnp.zeros((), self.f)}
         if self.track_loss:
-            acc["loss"] = jnp.zeros((), jnp.float32)
+            acc["loss"] = jnp.zeros((), self.f)
         if self.track_cos:
             acc.update(
-                pairs=jnp.zeros((), jnp.float32),
-                cos=jnp.zeros((L,), jnp.float32),
-                cos_g=jnp.zeros((), jnp.float32),
-                neg=jnp.zeros((L,), jnp.float32),
-                neg_g=jnp.zeros((), jnp.float32),
+                pairs=jnp.zeros((), self.f),
+                cos=jnp.zeros((L,), self.f),
+                cos_g=jnp.zeros((), self.f),
+                neg=jnp.zeros((L,), self.f),
+                neg_g=jnp.zeros((), self.f),
             )
         if self.track_update:
-            acc["upd"] = jnp.zeros((L,), jnp.float32)
+            acc["upd"] = jnp.zeros((L,), self.f)
         if self.track_wgrad:
-            acc["wgrad_sq"] = jnp.zeros((L,), jnp.float32)
+            acc["wgrad_sq"] = jnp.zeros((L,), self.f)
         if self.track_margin:
             acc.update(
-                m_n=jnp.zeros((), jnp.float32),
-                m_sum=jnp.zeros((), jnp.float32),
-                m_sq=jnp.zeros((), jnp.float32),
-                m_min=jnp.full((), jnp.inf, jnp.float32),
+                m_n=jnp.zeros((), self.f),
+                m_sum=jnp.zeros((), self.f),
+                m_sq=jnp.zeros((), self.f),
+                m_min=jnp.full((), jnp.inf, self.f),
             )
         for n, o in self.user.items():
-            acc[f"user:{n}"] = _user_zero(o, self.user_shapes[n])
+            acc[f"user:{n}"] = _user_zero(o, self.user_shapes[n], self.f)
         return acc
 
     def update(self, c: RunState, acc: dict, t, batch: Batch, info, new: RunState, hp_t, live):
         """(acc, prev_grads, grad_sq) after step t (new: the run's state after it)."""
         acc = dict(acc)
-        inc = live.astype(jnp.float32)
+        inc = live.astype(self.f)
         acc["steps"] = acc["steps"] + inc
         if self.track_loss:
             acc["loss"] = acc["loss"] + jnp.where(live, info.loss, 0.0)
@@ -648,7 +649,7 @@ class _StepStats:
         if self.track_cos:
             per, whole = obs.cosines_from_parts(dots, c.grad_sq, grad_sq)
             pair = live & (t > 1)
-            pf = pair.astype(jnp.float32)
+            pf = pair.astype(self.f)
             acc["pairs"] = acc["pairs"] + pf
             acc["cos"] = acc["cos"] + jnp.where(pair, per, 0.0)
             acc["cos_g"] = acc["cos_g"] + jnp.where(pair, whole, 0.0)
@@ -705,7 +706,7 @@ class _StepStats:
         r = obs.rho_eff(params, f.state)
         m = obs.margins(f.y, batch.y, r)
         keep = (batch.weights > 0) & live
-        kf = keep.astype(jnp.float32)
+        kf = keep.astype(self.f)
         acc["m_n"] = acc["m_n"] + jnp.sum(kf)
         acc["m_sum"] = acc["m_sum"] + jnp.sum(jnp.where(keep, m, 0.0))
         acc["m_sq"] = acc["m_sq"] + jnp.sum(jnp.where(keep, m * m, 0.0))
@@ -740,16 +741,16 @@ class _StepStats:
             out["dist"] = jnp.mean(per)
         for n, o in self.user.items():
             out[n] = _user_value(o, acc[f"user:{n}"], acc["steps"])
-        return {n: jnp.asarray(out[n], jnp.float32) for n in self.names}
+        return {n: jnp.asarray(out[n], self.f) for n in self.names}
 
 
-def _user_zero(o: Observable, shape) -> jax.Array:
+def _user_zero(o: Observable, shape, dtype) -> jax.Array:
     fill = {"min": jnp.inf, "max": -jnp.inf, "last": jnp.nan, "first": jnp.nan}.get(o.reduce, 0.0)
-    return jnp.full(shape, fill, jnp.float32)
+    return jnp.full(shape, fill, dtype)
 
 
 def _user_update(o: Observable, acc, value, live, first):
-    v = jnp.asarray(value, jnp.float32)
+    v = jnp.asarray(value, acc.dtype)
     if o.reduce in ("mean", "sum"):
         return acc + jnp.where(live, v, 0.0)
     if o.reduce == "min":
@@ -806,7 +807,8 @@ def make_run(spec: RunSpec, *, start: int = 0) -> Callable:
     hp: `Hparams` of scalars (arrays or numbers; vmap `run` for a grid); key: a PRNG key, split
     into an initialization key and a data-order key, so runs that share a key share their
     initialization and batches. data: `RunData` (default: the spec's data set).
-    trace: dict of float32 arrays of shape (n_records, *dims) per observable, with
+    trace: dict of float32 arrays (float64 with precision="float64") of shape (n_records,
+    *dims) per observable, with
     n_records = length / record_every + 1 (the initialization included; per-step statistics
     are NaN there and costly ones NaN between their records), the other record coordinate
     ("epoch" of each step record, or "step" of each epoch record), "status" (`STATUS`: 0
@@ -879,7 +881,7 @@ def make_run(spec: RunSpec, *, start: int = 0) -> Callable:
             ms = _to(jnp.float64, ms)
         state = stepper.init_fn(params)
         prev0 = jax.tree.map(jnp.zeros_like, params) if stats.track_cos else ()
-        sq0 = jnp.zeros((n_layers,), jnp.float32) if stats.track_grad else ()
+        sq0 = jnp.zeros((n_layers,), stats.f) if stats.track_grad else ()
         return RunState(state, ms, prev0, sq0, jnp.zeros((), bool), jnp.full((), -1, jnp.int32))
 
     def user_shapes() -> dict:
@@ -1079,12 +1081,12 @@ def make_run(spec: RunSpec, *, start: int = 0) -> Callable:
         for n in record_names:
             if n in costly:
                 v = costly[n]  # (n_slow, ...)
-                full = jnp.full((n_slow, spec.slow_every) + v.shape[1:], jnp.nan, jnp.float32)
+                full = jnp.full((n_slow, spec.slow_every) + v.shape[1:], jnp.nan, v.dtype)
                 v = full.at[:, -1].set(v).reshape((n_rec,) + v.shape[1:])
             else:
                 v = cheap[n].reshape((n_rec,) + cheap[n].shape[2:])
             if not start:
-                v = jnp.concatenate([init_values[n][None].astype(jnp.float32), v])
+                v = jnp.concatenate([init_values[n][None].astype(v.dtype), v])
             trace[n] = v
         steps_at = spec.record_steps()[(r0 + 1 if start else 0) :]
         if epochs_mode:

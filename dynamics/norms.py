@@ -16,18 +16,41 @@ import jax.numpy as jnp
 BATCH_NORM_KINDS = ("l2", "l1", "linf")
 
 
+_HALF = (jnp.float16, jnp.bfloat16)
+
+
+def _accumulator(dtype):
+    """The dtype batch statistics are summed in: float32 for half-precision inputs (as PyTorch
+    reduces a half tensor, accumulating in float and rounding the mean back to half), None
+    (the input's own) otherwise."""
+    return jnp.float32 if dtype in _HALF else None
+
+
 def _masked_moments(x, mask):
-    """Per-feature mean over the batch (and spatial axes) of the kept examples."""
+    """Per-feature mean over the batch (and spatial axes) of the kept examples. Half-precision
+    inputs are summed in float32 and the mean rounded back to x's dtype, so a batch's sum may
+    exceed the half range (65504 in float16) while its mean does not; count is float32 then."""
     axes = (0,) + tuple(range(2, x.ndim))
+    acc = _accumulator(x.dtype)
     if mask is None:
         m = jnp.ones((x.shape[0],), x.dtype)
     else:
         m = mask.astype(x.dtype)
     m = m.reshape((-1,) + (1,) * (x.ndim - 1))
     spatial = math.prod(x.shape[2:]) if x.ndim > 2 else 1
-    count = jnp.sum(m) * spatial
-    mu = jnp.sum(x * m, axis=axes, keepdims=True) / count
+    count = jnp.sum(m, dtype=acc) * spatial
+    mu = jnp.sum(x * m, axis=axes, keepdims=True, dtype=acc) / count
+    if acc is not None:
+        mu = mu.astype(x.dtype)
     return mu, m, count, axes
+
+
+def _mean_over(v, m, axes, count, dtype):
+    """sum(m v) / count over `axes` (keepdims), accumulated as `_masked_moments` does and
+    rounded to dtype."""
+    acc = _accumulator(dtype)
+    out = jnp.sum(m * v, axis=axes, keepdims=True, dtype=acc) / count
+    return out if acc is None else out.astype(dtype)
 
 
 class BatchStats(NamedTuple):
@@ -53,6 +76,15 @@ def batch_norm(x, mask=None, p: str = "l2", k: int = 10, eps: float = 1e-5):
     in expectation; linf (Hoffer et al.'s constant for top-10) only roughly, the output's
     standard deviation drifting from about 1.1 at n = 32 to 0.8 at n = 4096 pooled values.
 
+    Forms as in Hoffer et al.'s code (eladhoffer/norm_matters models/lp_norm.py and
+    convNet.pytorch models/modules/lp_norm.py): eps inside the root for l2, outside (after the
+    constant) for l1 and linf; n = N*H*W; k = 10 (convNet.pytorch's TopkBatchNorm2d; 1 in
+    norm_matters' copy). In half precision (float16, bfloat16 inputs) everything is computed
+    in x's dtype except the batch sums, accumulated in float32 and rounded back (PyTorch's
+    reduction of a half tensor): so l2 overflows in float16 where some |x - mu| > 256
+    (its square exceeds 65504; the variance becomes inf and the output 0), l1 only where
+    mean |x - mu| would exceed 65504, linf only where |x - mu| itself would.
+
     x: (batch, features) or (batch, channels, *spatial). Returns an array of x's shape.
     """
     return batch_norm_train(x, mask, p, k, eps)[0]
@@ -66,11 +98,17 @@ def batch_norm_train(x, mask=None, p: str = "l2", k: int = 10, eps: float = 1e-5
     mu, m, count, axes = _masked_moments(x, mask)
     d = x - mu
     if p == "l2":
-        var = jnp.sum(m * d**2, axis=axes, keepdims=True) / count
+        var = _mean_over(d**2, m, axes, count, x.dtype)
         unbiased = var * count / jnp.maximum(count - 1, 1)
+        if _accumulator(x.dtype) is not None:
+            unbiased = unbiased.astype(x.dtype)
         return d / jnp.sqrt(var + eps), BatchStats(mu.reshape(-1), unbiased.reshape(-1))
     if p == "l1":
-        scale = math.sqrt(math.pi / 2) * jnp.sum(m * jnp.abs(d), axis=axes, keepdims=True) / count
+        acc = _accumulator(x.dtype)
+        s = jnp.sum(m * jnp.abs(d), axis=axes, keepdims=True, dtype=acc)
+        scale = math.sqrt(math.pi / 2) * s / count
+        if acc is not None:
+            scale = scale.astype(x.dtype)
         return d / (scale + eps), BatchStats(mu.reshape(-1), scale.reshape(-1))
     # linf / top-k: pool every value of a feature into one axis, zero the dropped examples
     # (their |d| >= 0 can only fall below the kept ones' when they are zero), take the top k.
@@ -80,11 +118,14 @@ def batch_norm_train(x, mask=None, p: str = "l2", k: int = 10, eps: float = 1e-5
     kk = min(k, pooled.shape[1])
     top = jax.lax.top_k(pooled, kk)[0]
     n_top = jnp.minimum(kk, count)
-    mean_top = jnp.sum(top, axis=1) / n_top
+    acc = _accumulator(x.dtype)
+    mean_top = jnp.sum(top, axis=1, dtype=acc) / n_top
     c_n = (1 + math.sqrt(math.pi * math.log(4))) / (
         2 * jnp.sqrt(2 * jnp.log(jnp.maximum(count, 2.0)))
     )
     scale = (c_n * mean_top).reshape((1, c) + (1,) * (x.ndim - 2))
+    if acc is not None:
+        scale = scale.astype(x.dtype)
     return d / (scale + eps), BatchStats(mu.reshape(-1), scale.reshape(-1))
 
 

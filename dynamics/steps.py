@@ -16,6 +16,13 @@ state back in `info.model_state`; the state is never differentiated nor decayed.
 
 Notation: w the parameters, g = grad L(w) on the batch, lr = hp.lr, wd = hp.weight_decay,
 mu = hp.momentum.
+
+Per-layer settings of `sgd` and `adam` (PyTorch's parameter groups, as pure data): `decay_mask`
+multiplies wd leaf by leaf (e.g. no decay on a layer's weight), `lr_scale` multiplies each
+leaf's update by a factor per layer or per output row that may depend on the step, the
+parameters and the traced hyperparameters (`LayerScale`, `ScaleContext`); the forms are
+`layer_multipliers`'. `norm_matched_lr` builds Hoffer et al.'s (2018) correction of a
+weight-decay-free run from a weight-decay run's logged row norms.
 """
 
 from __future__ import annotations
@@ -113,25 +120,279 @@ def loss_value(loss_fn: LossFn, params, batch: Batch) -> jax.Array:
 
 
 def optax_stepper(
-    loss_fn: LossFn, make_tx: Callable[[Hparams], optax.GradientTransformation]
+    loss_fn: LossFn,
+    make_tx: Callable[[Hparams], optax.GradientTransformation],
+    *,
+    lr_scale=None,
 ) -> Stepper:
     """A step from an optax transformation rebuilt from the traced hyperparameters at each call.
 
     w <- w + u,  (u, s) = make_tx(hp).update(g, s, w).  make_tx must give the same state
     structure for every hp (it is initialized with `Hparams()`).
+
+    lr_scale: per-layer (or per-row) learning-rate multipliers m (see `LayerScale` and
+    `layer_multipliers` for the forms): w <- w + m_t * u, leaf by leaf, with m_t computed at
+    every step from the step t, the parameters before the step, the step's hyperparameters and
+    the multiplier's own state. The optimizer state is then a `ScaledState`; without lr_scale
+    (None) the step and its state are exactly the plain ones.
     """
+    scale = as_layer_scale(lr_scale)
 
     def init_fn(params):
-        return TrainState(params, make_tx(Hparams()).init(params))
+        opt_state = make_tx(Hparams()).init(params)
+        if scale is None:
+            return TrainState(params, opt_state)
+        return TrainState(
+            params, ScaledState(opt_state, jnp.zeros((), jnp.int32), scale.init_fn(params))
+        )
 
     def step_fn(state, batch, hp):
         loss, grads, model_state = loss_and_grad(loss_fn, state.params, batch)
-        updates, opt_state = make_tx(hp).update(grads, state.opt_state, state.params)
+        if scale is None:
+            updates, opt_state = make_tx(hp).update(grads, state.opt_state, state.params)
+        else:
+            s = state.opt_state
+            updates, inner = make_tx(hp).update(grads, s.inner, state.params)
+            t = s.count + 1
+            m = scale.scale_fn(ScaleContext(t, state.params, hp, s.scale))
+            m = layer_multipliers(m, state.params, "lr_scale")
+            updates = jax.tree.map(lambda u, k: (u * k).astype(u.dtype), updates, m)
+            opt_state = ScaledState(inner, t, s.scale)
         return TrainState(optax.apply_updates(state.params, updates), opt_state), StepInfo(
             loss, grads, model_state
         )
 
     return Stepper(init_fn, step_fn)
+
+
+# --------------------------------------------------------------------------- per-layer factors
+
+
+class ScaleContext(NamedTuple):
+    """What a learning-rate multiplier sees at step t: t (int32, 1-based: the step being
+    taken), the parameters before the step, the step's hyperparameters (hp.lr after the
+    schedule; traced) and the multiplier's own state (`LayerScale.init_fn` of the initial
+    parameters)."""
+
+    t: jax.Array
+    params: Any
+    hp: Hparams
+    state: Any
+
+
+def _no_state(params):
+    return ()
+
+
+class LayerScale(NamedTuple):
+    """A learning-rate multiplier per layer, per leaf or per output row, as a pure function:
+    scale_fn(ScaleContext) -> multipliers in a form `layer_multipliers` accepts; init_fn(params)
+    -> its state (arrays only), kept in `ScaledState.scale` for the whole run."""
+
+    scale_fn: Callable[[ScaleContext], Any]
+    init_fn: Callable[[Any], Any] = _no_state
+
+
+class ScaledState(NamedTuple):
+    """Optimizer state of a stepper with `lr_scale`: the transformation's state, the number of
+    steps taken (int32) and the multiplier's state."""
+
+    inner: Any
+    count: jax.Array
+    scale: Any
+
+
+def as_layer_scale(lr_scale) -> LayerScale | None:
+    """None; a `LayerScale`; a function ScaleContext -> multipliers; or constant multipliers (any
+    form of `layer_multipliers`: arrays in it are compiled into the program)."""
+    if lr_scale is None or isinstance(lr_scale, LayerScale):
+        return lr_scale
+    if callable(lr_scale):
+        return LayerScale(lr_scale)
+    return LayerScale(lambda ctx: lr_scale)
+
+
+def _fit(m, leaf, where: str):
+    m = jnp.asarray(m)
+    if m.ndim == 0:
+        return m
+    if m.ndim == 1 and leaf.ndim >= 1 and m.shape[0] == leaf.shape[0]:
+        return m.reshape((-1,) + (1,) * (leaf.ndim - 1))
+    raise ValueError(
+        f"{where}: a factor of shape {m.shape} does not fit the leaf's shape {leaf.shape} "
+        f"(give a scalar or one value per output row, ({leaf.shape[0] if leaf.ndim else 1},))"
+    )
+
+
+def layer_multipliers(spec, params, name: str = "lr_scale", default: float = 1.0):
+    """Per-leaf factors, a tree of params' structure, from a short description `spec`:
+
+      a scalar:                    every leaf;
+      a 1-D array of length L:     every leaf of layer k times spec[k] (params has L layers);
+      a list or tuple of L entries, entry k for layer k:
+        a scalar or an (out,) array: every leaf of layer k (an (out,) array scales output row i
+                                     of each leaf, e.g. W[i, :] and b[i]: per channel);
+        a dict {leaf name: scalar or (out,) array}: those leaves; the others get `default`.
+    params: a list of layer dicts. Each factor comes back shaped to broadcast against its leaf
+    ((out, 1, ...) for a per-row one). A spec that cannot fit raises ValueError naming `name`.
+    """
+    if not isinstance(params, (list, tuple)) or not all(isinstance(p, dict) for p in params):
+        raise ValueError(f"{name}: needs params as a list of layer dicts")
+    L = len(params)
+    if isinstance(spec, (list, tuple)):
+        if len(spec) != L:
+            raise ValueError(f"{name}: {len(spec)} entries for {L} layers")
+        per_layer = list(spec)
+    else:
+        a = jnp.asarray(spec)
+        if a.ndim == 0:
+            per_layer = [a] * L
+        elif a.ndim == 1 and a.shape[0] == L:
+            per_layer = [a[k] for k in range(L)]
+        else:
+            raise ValueError(f"{name}: a scalar or one factor per layer ({L},), got {a.shape}")
+    out = []
+    for k, (p, s) in enumerate(zip(params, per_layer, strict=True)):
+        if isinstance(s, dict):
+            unknown = set(s) - set(p)
+            if unknown:
+                raise ValueError(f"{name}: layer {k} has no leaf {sorted(unknown)[0]!r}")
+            out.append(
+                {n: _fit(s.get(n, default), leaf, f"{name}[{k}][{n!r}]") for n, leaf in p.items()}
+            )
+        else:
+            out.append({n: _fit(s, leaf, f"{name}[{k}][{n!r}]") for n, leaf in p.items()})
+    return type(params)(out) if isinstance(params, tuple) else out
+
+
+def _decayed_weights(weight_decay, decay_mask) -> optax.GradientTransformation:
+    """u <- u + wd * m * w with per-leaf factors m from `decay_mask` (`layer_multipliers` forms,
+    or a function params -> such a form; leaves it does not name get 1); optax's
+    add_decayed_weights itself when decay_mask is None."""
+    if decay_mask is None:
+        return optax.add_decayed_weights(weight_decay)
+
+    def update_fn(updates, state, params):
+        spec = decay_mask(params) if callable(decay_mask) else decay_mask
+        m = layer_multipliers(spec, params, "decay_mask")
+        return (
+            jax.tree.map(
+                lambda u, w, k: u + (weight_decay * k * w).astype(u.dtype), updates, params, m
+            ),
+            state,
+        )
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
+def weight_row_norms(params, layers, leaf: str = "w") -> list:
+    """||w_i|| of every output row i of `leaf` (conv kernels: every output channel's filter) in
+    each layer of `layers`: a list of (out_k,) arrays. This is the norm a batch norm after the
+    layer makes the function blind to, row by row (Hoffer et al.'s per-channel norm,
+    normmatters_wd/probes_lib/basic.py)."""
+    out = []
+    for k in layers:
+        w = params[k][leaf]
+        out.append(jnp.sqrt(jnp.sum(jnp.square(w.reshape(w.shape[0], -1)), axis=1)))
+    return out
+
+
+NORM_MATCH_FORMS = ("exact", "authors")
+
+
+def norm_matched_lr(
+    reference,
+    layers,
+    *,
+    form: str = "exact",
+    steps_per_epoch: int = 1,
+    weight_decay=None,
+    leaf: str = "w",
+    rtol: float = 1e-5,
+) -> LayerScale:
+    """Hoffer et al.'s (2018) learning-rate correction: a run without weight decay on the
+    normalized weights whose step on each row w_i of `leaf` in `layers` is multiplied so that
+    it follows the directions of a run with weight decay (the reference), from the
+    reference's logged row norms r_i.
+
+    Why. With a batch norm after the layer the loss is invariant to each row's scale, so
+    g(c w) = g(w) / c. The weight-decay run takes w <- (1 - lr lam) w - lr g(w); a run without
+    decay at norm r'_i = c r_i takes w' <- w' - lr m g(w'), and with
+        form="exact":    m_t = r'_i(t-1)^2 / ((1 - lr_t lam) r_i(t-1)^2)
+    its new direction is exactly the reference's (REPRODUCTIONS.md P7): the discrete-time
+    identity, for steps without momentum. r'_i is the run's own current row norm, r_i(t-1) the
+    reference's before step t, lam = hp.weight_decay (the reference's decay; `weight_decay`
+    fixes it instead), lr_t the step's rate.
+        form="authors":  m_t = r'_i(t-1)^2 / r_i(end of epoch e)^2,  e = (t-1) // steps_per_epoch
+    is the authors' version (normmatters_wd/optimizers_lib/custom_sgd.py, SGDWDMimic.step): the
+    reference norm held for the epoch at its value after the epoch, applied to the momentum
+    buffer (here: the whole update, which is the buffer times lr).
+
+    reference: one array per entry of `layers`, the reference run's row norms at every record
+    from initialization on: (T+1, out) for form "exact" (after 0, 1, ..., T steps: record every
+    step), (E+1, out) for "authors" (after 0, 1, ..., E epochs); or (S, T+1, out) holding S
+    reference runs, of which each run uses the one whose initial norms equal its own (relative
+    tolerance rtol): the run started from the same initialization. A run that matches no
+    reference, or runs past the reference's length, gets NaN factors (it is marked diverged).
+    The other leaves and layers keep factor 1. Use with `decay_mask` leaving these rows out of
+    the decay, e.g. sgd(loss_fn, decay_mask=..., lr_scale=norm_matched_lr(...)).
+    """
+    if form not in NORM_MATCH_FORMS:
+        raise ValueError(f"form must be one of {NORM_MATCH_FORMS}, got {form!r}")
+    layers = tuple(int(k) for k in layers)
+    if len(reference) != len(layers):
+        raise ValueError(f"reference: {len(reference)} arrays for {len(layers)} layers")
+    refs = []
+    for k, r in zip(layers, reference, strict=True):
+        r = jnp.asarray(r)
+        if r.ndim == 2:
+            r = r[None]
+        if r.ndim != 3:
+            raise ValueError(f"reference[{k}]: (T+1, out) or (S, T+1, out), got {r.shape}")
+        refs.append(r)
+    if len({r.shape[:2] for r in refs}) != 1:
+        raise ValueError(f"reference: layers disagree on (S, T+1): {[r.shape[:2] for r in refs]}")
+    n_ref, length = refs[0].shape[:2]
+    if steps_per_epoch < 1:
+        raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
+
+    def init_fn(params):
+        own = weight_row_norms(params, layers, leaf)
+        for k, r, o in zip(layers, refs, own, strict=True):
+            if r.shape[2] != o.shape[0]:
+                raise ValueError(f"reference[{k}]: {r.shape[2]} rows, layer {k} has {o.shape[0]}")
+        err = jnp.stack(
+            [
+                jnp.max(jnp.abs(r[:, 0].astype(o.dtype) - o[None]) / o[None], axis=1)  # (S,)
+                for r, o in zip(refs, own, strict=True)
+            ]
+        ).max(axis=0)
+        best = jnp.argmin(err)
+        return jnp.where(err[best] <= rtol, best, -1).astype(jnp.int32)
+
+    def scale_fn(ctx: ScaleContext):
+        idx = jnp.maximum(ctx.state, 0)
+        if form == "exact":
+            row = ctx.t - 1
+        else:
+            row = (ctx.t - 1) // steps_per_epoch + 1
+        bad = (ctx.state < 0) | (row >= length)
+        row = jnp.minimum(row, length - 1)
+        lam = ctx.hp.weight_decay if weight_decay is None else weight_decay
+        own = weight_row_norms(ctx.params, layers, leaf)
+        out = [1.0] * len(ctx.params)
+        for k, r, o in zip(layers, refs, own, strict=True):
+            # 1 - lr lam in the parameters' precision: the decay step forms it there too
+            # (float32 hyperparameters promoted to a float64 run's dtype), and a float32
+            # product would put a 1e-8 error into every step of a float64 run
+            lr = jnp.asarray(ctx.hp.lr).astype(o.dtype)
+            shrink = 1 - lr * jnp.asarray(lam).astype(o.dtype) if form == "exact" else 1.0
+            ref = r[idx, row].astype(o.dtype)
+            m = o**2 / (shrink * ref**2)
+            out[k] = {leaf: jnp.where(bad, jnp.nan, m)}
+        return out
+
+    return LayerScale(scale_fn, init_fn)
 
 
 MOMENTA = (None, "heavy_ball", "nesterov")
@@ -143,10 +404,18 @@ def _check(name, value, allowed):
         raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
 
 
-def sgd(loss_fn: LossFn, *, momentum: str | None = None, weight_decay: str = "l2") -> Stepper:
+def sgd(
+    loss_fn: LossFn,
+    *,
+    momentum: str | None = None,
+    weight_decay: str = "l2",
+    decay_mask=None,
+    lr_scale=None,
+) -> Stepper:
     """(Stochastic) gradient descent; plain GD when the batch is the whole training set.
 
-    weight_decay="l2" (the decay is part of the gradient, PyTorch's SGD):
+    weight_decay="l2" (the decay is part of the gradient, PyTorch's SGD(weight_decay=wd), and
+    both of Zhang et al.'s SGD modes, gd-zhang/Weight-Decay libs/sgd/optimizer.py):
         d = g + wd w
     weight_decay="decoupled" (the decay bypasses the momentum buffer, as in SGDW):
         d = g
@@ -155,6 +424,12 @@ def sgd(loss_fn: LossFn, *, momentum: str | None = None, weight_decay: str = "l2
         momentum="heavy_ball":  v <- mu v + d;  w <- w - lr (v [+ wd w])
         momentum="nesterov":    v <- mu v + d;  w <- w - lr (d + mu v [+ wd w])
     Without momentum both conventions give the same update.
+    decay_mask: per-leaf factors of wd (wd m w in place of wd w; `layer_multipliers` forms or a
+    function params -> one; unnamed leaves 1), e.g. [{"w": 0.0}, {}] for no decay on layer 0's
+    weight: PyTorch's parameter groups with their own weight_decay.
+    lr_scale: per-layer or per-row learning-rate factors m_t (a `LayerScale`, a function of a
+    `ScaleContext`, or constants): w <- w - lr m_t (...), the bracket above (see
+    `optax_stepper`; `norm_matched_lr` is Hoffer et al.'s correction).
     """
     _check("momentum", momentum, MOMENTA)
     _check("weight_decay", weight_decay, WEIGHT_DECAYS)
@@ -162,15 +437,15 @@ def sgd(loss_fn: LossFn, *, momentum: str | None = None, weight_decay: str = "l2
     def make_tx(hp):
         parts = []
         if weight_decay == "l2":
-            parts.append(optax.add_decayed_weights(hp.weight_decay))
+            parts.append(_decayed_weights(hp.weight_decay, decay_mask))
         if momentum is not None:
             parts.append(optax.trace(decay=hp.momentum, nesterov=momentum == "nesterov"))
         if weight_decay == "decoupled":
-            parts.append(optax.add_decayed_weights(hp.weight_decay))
+            parts.append(_decayed_weights(hp.weight_decay, decay_mask))
         parts.append(optax.scale(-hp.lr))
         return optax.chain(*parts)
 
-    return optax_stepper(loss_fn, make_tx)
+    return optax_stepper(loss_fn, make_tx, lr_scale=lr_scale)
 
 
 def gd(loss_fn: LossFn, **kwargs) -> Stepper:
@@ -185,26 +460,35 @@ def adam(
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
+    decay_mask=None,
+    lr_scale=None,
 ) -> Stepper:
     """Adam (Kingma & Ba) with weight decay as L2 in the gradient or decoupled (AdamW).
 
     d = g + wd w (l2) or d = g (decoupled)
     m <- b1 m + (1 - b1) d;  s <- b2 s + (1 - b2) d^2;  m^ = m/(1 - b1^t);  s^ = s/(1 - b2^t)
     w <- w - lr (m^ / (sqrt(s^) + eps) [+ wd w if decoupled])
+    The decoupled decay is multiplied by lr: each step shrinks w by lr wd (1e-3 x 0.3 = 3e-4 in
+    Zhang et al.'s Adam configs), as in Zhang et al.'s code (gd-zhang/Weight-Decay
+    libs/adam/optimizer.py: the "wd" type adds wd w to the Adam step, which TensorFlow's
+    gradient-descent apply multiplies by lr; the "l2" type adds it to the gradient before the
+    moments), PyTorch's AdamW and optax.adamw; Loshchilov & Hutter's schedule multiplier is
+    the lr schedule here. eps is outside the root, eps_root = 0 (Zhang et al.: 1e-8, same).
+    decay_mask, lr_scale: as in `sgd` (lr_scale multiplies the whole bracket).
     """
     _check("weight_decay", weight_decay, WEIGHT_DECAYS)
 
     def make_tx(hp):
         parts = []
         if weight_decay == "l2":
-            parts.append(optax.add_decayed_weights(hp.weight_decay))
+            parts.append(_decayed_weights(hp.weight_decay, decay_mask))
         parts.append(optax.scale_by_adam(b1=b1, b2=b2, eps=eps))
         if weight_decay == "decoupled":
-            parts.append(optax.add_decayed_weights(hp.weight_decay))
+            parts.append(_decayed_weights(hp.weight_decay, decay_mask))
         parts.append(optax.scale(-hp.lr))
         return optax.chain(*parts)
 
-    return optax_stepper(loss_fn, make_tx)
+    return optax_stepper(loss_fn, make_tx, lr_scale=lr_scale)
 
 
 # --------------------------------------------------------------------------- normalized dynamics

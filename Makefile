@@ -22,7 +22,7 @@ lint: install
 	$(BIN)/ruff check .
 
 test: install lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 sweep: install
 	$(BIN)/python -m sweeps run $(SWEEP) $(ARGS)

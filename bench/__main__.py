@@ -1,7 +1,9 @@
-"""make bench: throughput of whole training runs, with observables, on the reference grid.
+"""make bench: throughput of whole training runs, with observables, on two reference grids.
 
 Everything is measured in this one process (except the warm-cache compile, which needs a new
-process), on sweeps/configs/reference.py (256 runs; --scale N multiplies the seeds):
+process), on sweeps/configs/reference.py (the dense grid: 256 runs of an MLP) and
+sweeps/configs/reference_conv.py (the conv grid: 256 runs of a 4-layer CNN); --scale N
+multiplies the seeds of both, --only dense|conv measures one:
 
   runs/s        the vectorized sweep (all chunks, after compilation) and a loop of single
                 jitted runs over the same grid, and their ratio (the loop against the
@@ -17,6 +19,15 @@ process), on sweeps/configs/reference.py (256 runs; --scale N multiplies the see
                 gradient per batch size in isolation, the compiled MLP gradient against autodiff;
   compile       seconds cold (empty cache) and warm (a second process, persistent cache),
                 number of XLA compilations; peak resident memory; device and versions.
+
+The conv grid reports the same figures (under "conv" in the JSON, with its targets as
+conv.fraction_of_peak, conv.vectorized_over_loop, conv.observables_overhead), except that its
+useful FLOPs are counted from the model (2 x the multiply-adds of every convolution and
+matrix product of one example's forward pass, training = 3 x forward, `counted_flops`), its
+loop of single runs covers one seed (every lr, weight decay and batch size once: runs/s
+compare per run), its warm process one seed, and its breakdown is one step's loss gradient in
+each convolution formulation (`dynamics.conv`: XLA's convolution, patches and a product,
+shifted taps, and the automatic choice) per batch size.
 
 Every timed variant (and the peak matmul) is compiled first, then timed in --repeat rounds that
 take each variant's chunks in turn (chunk 1 of every variant, then chunk 2, ...); each chunk's
@@ -54,7 +65,15 @@ def _parse(argv):
     p = argparse.ArgumentParser(prog="python -m bench")
     p.add_argument("--scale", type=int, default=1, help="multiply the reference grid's seeds")
     p.add_argument("--out", default=str(ROOT / "bench" / "out"))
-    p.add_argument("--skip-loop", action="store_true", help="skip the loop of single runs")
+    p.add_argument("--skip-loop", action="store_true", help="skip the loops of single runs")
+    p.add_argument("--only", choices=("dense", "conv"), help="measure one grid only")
+    p.add_argument(
+        "--conv-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a setting of the conv grid (as `sweeps run --set`), e.g. steps=40",
+    )
     p.add_argument(
         "--repeat", type=int, default=4, help="timed rounds of every variant (best is kept)"
     )
@@ -86,12 +105,49 @@ class MatmulPeak:
         return best
 
 
-def gradient_forms(spec, train_ex: float, runs_per_device: int, batches, iters: int = 50):
+def dense_forms(spec) -> dict:
+    """The dense grid's loss-gradient forms: autodiff, and the compiled MLP gradient ("kernel",
+    `native.dense_loss_fn`) where it applies; name -> (loss_fn, trace context)."""
+    import contextlib
+
+    from dynamics import native
+    from dynamics.train import make_loss_fn
+
+    forms = {"autodiff": (make_loss_fn(spec.model, spec.loss), contextlib.nullcontext)}
+    if native.available() and native.dense_eligible(spec.model, spec.loss):
+        forms["kernel"] = (native.dense_loss_fn(spec.model, spec.loss), contextlib.nullcontext)
+    return forms
+
+
+def conv_forms(spec) -> dict:
+    """The conv grid's loss-gradient forms: autodiff of the loss with every convolution in one
+    `dynamics.conv` formulation, and the automatic choice; name -> (loss_fn, trace context)."""
+    import functools
+
+    from dynamics import conv
+    from dynamics.train import make_loss_fn
+
+    loss_fn = make_loss_fn(spec.model, spec.loss)
+    return {
+        name: (loss_fn, functools.partial(conv.forced, name))
+        for name in ("auto", *conv.FORMULATIONS)
+    }
+
+
+def gradient_forms(
+    spec,
+    train_ex: float,
+    runs_per_device: int,
+    batches,
+    iters: int = 50,
+    forms: dict | None = None,
+    best_of: int = 3,
+):
     """Timers (name -> (timer, useful FLOPs per call)) of one training step's loss gradient for
-    every batch size, the compiled MLP gradient ("kernel", `native.dense_loss_fn`) against
-    autodiff of the same loss ("autodiff"), vmapped over runs and sharded over the local devices
-    as the runner does, `iters` steps in a scan. FLOPs are counted as XLA's cost model counts
-    the autodiff step (`flops_per_example`)."""
+    every batch size and form (`forms`: name -> (loss_fn, context the step is traced in);
+    default `dense_forms`: the compiled MLP gradient against autodiff of the same loss),
+    vmapped over runs and sharded over the local devices as the runner does, `iters` steps in a
+    scan, each call timed `best_of` times. FLOPs: `train_ex` per example and step."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -99,16 +155,12 @@ def gradient_forms(spec, train_ex: float, runs_per_device: int, batches, iters: 
     from jax.sharding import Mesh
     from jax.sharding import PartitionSpec as P
 
-    from dynamics import native
     from dynamics.steps import Batch
-    from dynamics.train import make_loss_fn
 
     devs = jax.local_devices()
     mesh = Mesh(np.asarray(devs), ("runs",))
     n = runs_per_device * len(devs)
-    losses = {"autodiff": make_loss_fn(spec.model, spec.loss)}
-    if native.available() and native.dense_eligible(spec.model, spec.loss):
-        losses["kernel"] = native.dense_loss_fn(spec.model, spec.loss)
+    forms = dense_forms(spec) if forms is None else forms
     params = jax.vmap(spec.model.init)(jax.random.split(jax.random.key(0), n))
     x_all, y_all = jnp.asarray(spec.data.x_train), jnp.asarray(spec.data.y_train)
     out = {}
@@ -116,7 +168,7 @@ def gradient_forms(spec, train_ex: float, runs_per_device: int, batches, iters: 
         xs = jnp.stack([jnp.roll(x_all, i, axis=0)[:b] for i in range(n)])
         ys = jnp.stack([jnp.roll(y_all, i, axis=0)[:b] for i in range(n)])
         w = jnp.full((n, b), 1.0 / b, jnp.float32)
-        for name, loss_fn in losses.items():
+        for name, (loss_fn, context) in forms.items():
             vg = jax.value_and_grad(loss_fn)
 
             def loop(p, x, y, w, vg=vg):
@@ -135,11 +187,12 @@ def gradient_forms(spec, train_ex: float, runs_per_device: int, batches, iters: 
                     check_vma=False,
                 )
             )
-            jax.block_until_ready(f(params, xs, ys, w))
+            with context():  # traced (and compiled) here, in the form's context
+                jax.block_until_ready(f(params, xs, ys, w))
 
             def timer(f=f, xs=xs, ys=ys, w=w):
                 best = math.inf
-                for _ in range(3):
+                for _ in range(best_of):
                     t = time.perf_counter()
                     jax.block_until_ready(f(params, xs, ys, w))
                     best = min(best, time.perf_counter() - t)
@@ -173,6 +226,71 @@ def flops_per_example(spec) -> tuple[float, float]:
     train = (cost(grad, 128) - cost(grad, 64)) / 64
     forward = (cost(fwd, 128) - cost(fwd, 64)) / 64
     return train, forward
+
+
+def _jaxpr_flops(jaxpr) -> float:
+    """2 x the multiply-adds of the convolutions and matrix products of a jaxpr (sub-jaxprs
+    included: calls, scans times their length, the largest branch of a cond)."""
+    import jax
+
+    def closed(v):
+        return v.jaxpr if isinstance(v, jax.extend.core.ClosedJaxpr) else v
+
+    total = 0.0
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        out = math.prod(eqn.outvars[0].aval.shape)
+        if name == "conv_general_dilated":
+            rhs = eqn.invars[1].aval.shape
+            o_dim = eqn.params["dimension_numbers"].rhs_spec[0]
+            total += 2.0 * out * math.prod(rhs) / rhs[o_dim]
+        elif name == "dot_general":
+            (lhs_c, _), _ = eqn.params["dimension_numbers"]
+            lhs = eqn.invars[0].aval.shape
+            total += 2.0 * out * math.prod(lhs[d] for d in lhs_c)
+        elif name == "cond":
+            total += max(_jaxpr_flops(closed(b)) for b in eqn.params["branches"])
+        else:
+            subs = [
+                closed(v)
+                for v in eqn.params.values()
+                if isinstance(v, jax.extend.core.ClosedJaxpr | jax.extend.core.Jaxpr)
+            ]
+            n = eqn.params.get("length", 1) if name == "scan" else 1
+            total += n * sum(_jaxpr_flops(j) for j in subs)
+    return total
+
+
+def counted_flops(spec) -> tuple[float, float]:
+    """(training FLOPs per example per step, forward FLOPs per example) counted from the model:
+    forward = 2 x the multiply-adds of every convolution and matrix product of one example's
+    forward pass, traced with XLA's convolution (`dynamics.conv.forced("xla")`), so that the
+    count is the same whatever formulation computes them; training = 3 x forward (the backward
+    pass's input and weight gradients: two products of the forward's size each)."""
+    import jax
+    import jax.numpy as jnp
+
+    from dynamics import conv
+
+    params = jax.eval_shape(spec.model.init, jax.random.key(0))
+    x = jnp.zeros((1,) + tuple(spec.data.x_train.shape[1:]), jnp.float32)
+    with conv.forced("xla"):
+        jaxpr = jax.make_jaxpr(lambda p, x: spec.model.apply(p, x, None))(params, x)
+    forward = _jaxpr_flops(jaxpr.jaxpr)
+    return 3 * forward, forward
+
+
+def conv_layers(spec) -> list[dict]:
+    """Every convolution of the spec's model at its training batch: shapes, stride, padding
+    and the formulation it computes with on the CPU (`dynamics.conv.calls`)."""
+    import jax
+    import jax.numpy as jnp
+
+    from dynamics import conv
+
+    params = jax.eval_shape(spec.model.init, jax.random.key(0))
+    x = jnp.zeros((spec.static_batch,) + tuple(spec.data.x_train.shape[1:]), jnp.float32)
+    return [c._asdict() for c in conv.calls(spec.model.apply, params, x)]
 
 
 def spectrum_methods(spec, runs_per_device: int, repeat: int = 5, iters: int = 20) -> dict:
@@ -353,6 +471,22 @@ class Loop:
             jax.block_until_ready(fn(hp, key, data))
         return time.perf_counter() - t
 
+    def parts(self) -> list:
+        """One timer per batch size (its runs one after another): pieces the rounds interleave."""
+        import jax
+
+        groups: dict = {}
+        for call in self.calls:
+            groups.setdefault(call[0], []).append(call)
+
+        def part(calls):
+            t = time.perf_counter()
+            for fn, hp, key, data in calls:
+                jax.block_until_ready(fn(hp, key, data))
+            return time.perf_counter() - t
+
+        return [functools.partial(part, calls) for calls in groups.values()]
+
     def result(self, seconds: float) -> dict:
         n = len(self.calls)
         return {"seconds": seconds, "runs": n, "runs_per_s": n / seconds}
@@ -380,14 +514,15 @@ def interleaved(timers: dict, repeat: int, rounds: dict | None = None) -> dict:
     return {k: sum(v) for k, v in best.items()}
 
 
-def warm_compile(cache: str, scale: int) -> dict:
-    """A second process running the reference sweep with the persistent cache filled."""
+def warm_compile(cache: str, sweep: str = "reference", sets=()) -> dict:
+    """A second process running a sweep (with `sets`, `--set` overrides) with the persistent
+    cache filled."""
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "warm.zarr")
         env = {**os.environ, "DYNAMICS_CACHE_DIR": cache, "PYTHONPATH": str(ROOT)}
-        cmd = [sys.executable, "-m", "sweeps", "run", "reference", "--out", out, "--quiet"]
-        if scale > 1:
-            cmd += ["--set", f"seed=0:{4 * scale}"]
+        cmd = [sys.executable, "-m", "sweeps", "run", sweep, "--out", out, "--quiet"]
+        for item in sets:
+            cmd += ["--set", item]
         t = time.perf_counter()
         r = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
         wall = time.perf_counter() - t
@@ -403,50 +538,67 @@ def warm_compile(cache: str, scale: int) -> dict:
         }
 
 
-def main(argv=None) -> int:
-    args = _parse(argv)
-    cache = tempfile.mkdtemp(prefix="dynamics-bench-cache-")
-    os.environ["DYNAMICS_CACHE_DIR"] = cache
+def end_to_end(res, specs, counter) -> dict:
+    """The sweep as `python -m sweeps run` does it, into a temporary store, cold cache."""
     from sweeps import runner
 
-    runner.configure_jax()
-    import jax
-    import jax.numpy as jnp
-
-    from sweeps.spec import build_specs, load_sweep, parse_overrides, resolve
-
-    counter = CompileCounter(jax)
-    sets = [f"seed=0:{4 * args.scale}"] if args.scale > 1 else []
-    sweep = load_sweep("reference")
-    res = resolve(sweep, parse_overrides(sets))
-    specs = build_specs(res)
-    print(f"[bench] reference grid: {res.n_runs} runs, {specs[0][1].steps} steps each", flush=True)
-
-    report: dict = {"grid": res.describe(), "runs": res.n_runs}
-    dev = jax.local_devices()[0]
-    report["device"] = {
-        "kind": dev.device_kind,
-        "platform": dev.platform,
-        "count": len(jax.devices()),
-    }
-    report["versions"] = runner.package_versions()
-    report["git_commit"] = runner.git_commit()
-
-    # 1. end to end, cold cache: the sweep as `python -m sweeps run reference` does it
     with tempfile.TemporaryDirectory() as d:
         before = counter.count
-        s = runner.execute(res, specs, os.path.join(d, "ref.zarr"), progress=False)
-        report["end_to_end"] = {
+        s = runner.execute(res, specs, os.path.join(d, "sweep.zarr"), progress=False)
+        return {
             "compile_seconds_cold": s.compile_seconds,
             "run_seconds": s.run_seconds,
             "runs_per_s": s.runs_now / s.run_seconds,
             "programs": s.programs,
             "xla_compilations": counter.count - before,
         }
+
+
+def fractions(res, specs, train_ex, fwd_ex, best, key, peak_n, extra=()) -> dict:
+    """Useful FLOPs of the sweep timed as `best[key]` and its fraction of the matmul peak
+    (`best["matmul_peak"]`); `extra`: (name, (res, specs), timer key) of other variants whose
+    fraction of peak is added as fraction_of_peak_<name>."""
+    flops = useful_flops(res, specs, train_ex, fwd_ex)
+    peak = {
+        "n": peak_n,
+        "seconds": best["matmul_peak"],
+        "flops_per_s": 2 * peak_n**3 / best["matmul_peak"],
+    }
+    achieved = flops / best[key]
+    out = {
+        "train_flops_per_example_step": train_ex,
+        "forward_flops_per_example": fwd_ex,
+        "useful_flops": flops,
+        "useful_flops_per_s": achieved,
+        "matmul_peak": peak,
+        "fraction_of_peak": achieved / peak["flops_per_s"],
+    }
+    for name, (r, sp), k in extra:
+        out[f"fraction_of_peak_{name}"] = (
+            useful_flops(r, sp, train_ex, fwd_ex) / best[k] / peak["flops_per_s"]
+        )
+    return out
+
+
+def dense_grid(args, counter, cache, peak) -> dict:
+    """The dense reference grid's figures (the report's top-level keys)."""
+    import jax
+
+    from sweeps.spec import build_specs, load_sweep, parse_overrides, resolve
+
+    sets = [f"seed=0:{4 * args.scale}"] if args.scale > 1 else []
+    sweep = load_sweep("reference")
+    res = resolve(sweep, parse_overrides(sets))
+    specs = build_specs(res)
+    print(f"[bench] reference grid: {res.n_runs} runs, {specs[0][1].steps} steps each", flush=True)
+    report: dict = {"grid": res.describe(), "runs": res.n_runs}
+
+    # 1. end to end, cold cache: the sweep as `python -m sweeps run reference` does it
+    report["end_to_end"] = end_to_end(res, specs, counter)
     print(f"[bench] end to end: {report['end_to_end']}", flush=True)
 
     # 2. warm cache in a new process
-    report["warm_compile"] = warm_compile(cache, args.scale)
+    report["warm_compile"] = warm_compile(cache, "reference", sets)
     print(f"[bench] warm process: {report['warm_compile']}", flush=True)
 
     # 3. every timed variant compiled first, then timed side by side in rounds
@@ -467,7 +619,7 @@ def main(argv=None) -> int:
     }
     print(f"[bench] compiled {len(prepared)} variants; timing", flush=True)
     timers: dict = {k: v.parts() for k, v in prepared.items()}
-    timers["matmul_peak"] = MatmulPeak(jax, jnp)
+    timers["matmul_peak"] = peak
     per_dev = max(1, prepared["vectorized"].info["chunk_runs"] // len(jax.local_devices()))
     train_ex, fwd_ex = flops_per_example(specs[0][1])
     batches = sorted(int(b) for b in res.grid["batch_size"])
@@ -491,21 +643,19 @@ def main(argv=None) -> int:
     print(f"[bench] breakdown: {report['breakdown']}", flush=True)
 
     # 4. FLOP/s against the measured matmul peak (the best of its timings in the rounds)
-    flops = useful_flops(res, specs, train_ex, fwd_ex)
-    n = timers["matmul_peak"].n
-    peak = {"n": n, "seconds": best["matmul_peak"], "flops_per_s": 2 * n**3 / best["matmul_peak"]}
-    achieved = flops / best["vectorized"]
-    bare_flops = useful_flops(res_bare, specs_bare, train_ex, fwd_ex)
-    report["flops"] = {
-        "train_flops_per_example_step": train_ex,
-        "forward_flops_per_example": fwd_ex,
-        "useful_flops": flops,
-        "useful_flops_per_s": achieved,
-        "matmul_peak": peak,
-        "fraction_of_peak": achieved / peak["flops_per_s"],
-        "fraction_of_peak_loss_only": flops / loss_s / peak["flops_per_s"],
-        "fraction_of_peak_bare_loop": bare_flops / best["bare_loop"] / peak["flops_per_s"],
-    }
+    report["flops"] = fractions(
+        res,
+        specs,
+        train_ex,
+        fwd_ex,
+        best,
+        "vectorized",
+        peak.n,
+        extra=(
+            ("loss_only", (res, specs), "vectorized_loss_only"),
+            ("bare_loop", (res_bare, specs_bare), "bare_loop"),
+        ),
+    )
     report["gradient_flops_per_s"] = {}
     for (b, name), (_, form_flops) in forms.items():
         row = report["gradient_flops_per_s"].setdefault(b, {})
@@ -520,6 +670,122 @@ def main(argv=None) -> int:
         report["vectorized_vs_loop"] = report["loop"]["seconds"] / beside
         report["vectorized_beside_loop_seconds"] = beside
         print(f"[bench] loop of single runs: {report['loop']}", flush=True)
+    return report
+
+
+# The conv grid's loss-gradient forms are timed at these batch sizes (XLA's convolution is slow
+# enough on the CPU that every batch size would double the grid's timing rounds).
+CONV_FORM_BATCHES = (8, 64)
+
+
+def conv_grid(args, counter, cache, peak) -> dict:
+    """The conv reference grid's figures (the report's "conv" entry), with its three targets
+    as conv.fraction_of_peak, conv.vectorized_over_loop and conv.observables_overhead."""
+    import jax
+
+    from sweeps.spec import build_specs, load_sweep, parse_overrides, resolve
+
+    sets = ([f"seed=0:{4 * args.scale}"] if args.scale > 1 else []) + list(args.conv_set)
+    sweep = load_sweep("reference_conv")
+    res = resolve(sweep, parse_overrides(sets))
+    specs = build_specs(res)
+    spec = specs[0][1]
+    print(f"[bench] conv grid: {res.n_runs} runs, {spec.steps} steps each", flush=True)
+    report: dict = {"grid": res.describe(), "runs": res.n_runs}
+
+    report["end_to_end"] = end_to_end(res, specs, counter)
+    print(f"[bench] conv end to end: {report['end_to_end']}", flush=True)
+    # one seed: the compile is the same, the run a quarter of the grid's
+    report["warm_compile"] = warm_compile(cache, "reference_conv", sets + ["seed=0"])
+    print(f"[bench] conv warm process: {report['warm_compile']}", flush=True)
+
+    def variant(*overrides):
+        r = resolve(sweep, parse_overrides(sets + list(overrides)))
+        return r, build_specs(r)
+
+    prepared = {
+        "vectorized": Vectorized(res, specs),
+        "vectorized_loss_only": Vectorized(*variant("observables=loss")),
+    }
+    timers: dict = {k: v.parts() for k, v in prepared.items()}
+    timers["matmul_peak"] = peak
+    loop = None
+    if not args.skip_loop:  # one seed: every lr, weight decay and batch size once
+        loop = Loop(*variant("seed=0"))
+        timers["loop"] = loop.parts()
+    print("[bench] compiled the conv variants; timing", flush=True)
+    per_dev = max(1, prepared["vectorized"].info["chunk_runs"] // len(jax.local_devices()))
+    train_ex, fwd_ex = counted_flops(spec)
+    report["layers"] = conv_layers(spec)
+    batches = [b for b in CONV_FORM_BATCHES if b <= spec.data.x_train.shape[0]]
+    forms = gradient_forms(
+        spec, train_ex, per_dev, batches, iters=5, forms=conv_forms(spec), best_of=1
+    )
+    timers.update({("form", *k): t for k, (t, _) in forms.items()})
+    rounds: dict = {}
+    best = interleaved(timers, args.repeat, rounds)
+    for k, v in prepared.items():
+        report[k] = v.result(best[k])
+    report["observables_overhead"] = best["vectorized"] / best["vectorized_loss_only"]
+    report["observables_overhead_rounds"] = [
+        a / b for a, b in zip(rounds["vectorized"], rounds["vectorized_loss_only"], strict=True)
+    ]
+    report["flops"] = fractions(
+        res,
+        specs,
+        train_ex,
+        fwd_ex,
+        best,
+        "vectorized",
+        peak.n,
+        extra=(("loss_only", (res, specs), "vectorized_loss_only"),),
+    )
+    report["fraction_of_peak"] = report["flops"]["fraction_of_peak"]
+    report["gradient_flops_per_s"] = {}
+    for (b, name), (_, form_flops) in forms.items():
+        row = report["gradient_flops_per_s"].setdefault(b, {})
+        row[name] = form_flops / best[("form", b, name)]
+    print(f"[bench] conv vectorized: {report['vectorized']}", flush=True)
+
+    # the loop of single runs over one seed, timed in the same rounds: runs/s against runs/s
+    if loop is not None:
+        report["loop"] = loop.result(best["loop"])
+        report["vectorized_over_loop"] = (
+            report["vectorized"]["runs_per_s"] / report["loop"]["runs_per_s"]
+        )
+        report["vectorized_over_loop_rounds"] = [
+            (res.n_runs / a) / (len(loop.calls) / b)
+            for a, b in zip(rounds["vectorized"], rounds["loop"], strict=True)
+        ]
+        print(f"[bench] conv loop of single runs: {report['loop']}", flush=True)
+    return report
+
+
+def main(argv=None) -> int:
+    args = _parse(argv)
+    cache = tempfile.mkdtemp(prefix="dynamics-bench-cache-")
+    os.environ["DYNAMICS_CACHE_DIR"] = cache
+    from sweeps import runner
+
+    runner.configure_jax()
+    import jax
+    import jax.numpy as jnp
+
+    counter = CompileCounter(jax)
+    report: dict = {}
+    dev = jax.local_devices()[0]
+    report["device"] = {
+        "kind": dev.device_kind,
+        "platform": dev.platform,
+        "count": len(jax.devices()),
+    }
+    report["versions"] = runner.package_versions()
+    report["git_commit"] = runner.git_commit()
+    peak = MatmulPeak(jax, jnp)
+    if args.only in (None, "dense"):
+        report.update(dense_grid(args, counter, cache, peak))
+    if args.only in (None, "conv"):
+        report["conv"] = conv_grid(args, counter, cache, peak)
 
     report["xla_compilations_total"] = counter.count
     report["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -531,7 +797,10 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps(report, indent=2, default=float))
-    _print_table(report)
+    if "vectorized" in report:
+        _print_table(report)
+    if "conv" in report:
+        _print_conv_table(report)
     print(f"[bench] wrote {path}")
     return 0
 
@@ -630,6 +899,92 @@ def _print_table(r: dict) -> None:
         ),
         ("end-to-end runs/s", f"{r['end_to_end']['runs_per_s']:.1f} (with store writes)"),
         ("peak RSS", f"{r['peak_rss_mib']:.0f} MiB"),
+    ]
+    w = max(len(a) for a, _ in rows)
+    for a, b in rows:
+        print(f"  {a:<{w}}  {b}")
+
+
+def _print_conv_table(report: dict) -> None:
+    r = report["conv"]
+    v, f = r["vectorized"], r["flops"]
+    peak = f["matmul_peak"]["flops_per_s"]
+    rows = [
+        (
+            "conv grid",
+            f"{r['runs']} runs, strategy {v['strategy']}, {v['programs']} programs, "
+            f"{v['chunks']} chunks of {v['chunk_runs']}",
+        ),
+        ("vectorized runs/s", f"{v['runs_per_s']:.1f}  ({v['seconds']:.2f} s)"),
+    ]
+    if "loop" in r:
+        rows += [
+            (
+                "single-run loop runs/s",
+                f"{r['loop']['runs_per_s']:.2f}  ({r['loop']['runs']} runs, "
+                f"{r['loop']['seconds']:.1f} s)",
+            ),
+            (
+                "vectorized / loop",
+                "{:.2f}x  (round by round {:.2f}-{:.2f}x)".format(
+                    r["vectorized_over_loop"],
+                    min(r["vectorized_over_loop_rounds"]),
+                    max(r["vectorized_over_loop_rounds"]),
+                ),
+            ),
+        ]
+    rows += [
+        (
+            "useful FLOP/s",
+            f"{f['useful_flops_per_s'] / 1e9:.1f} GFLOP/s "
+            f"({f['forward_flops_per_example'] / 1e6:.2f} MFLOP forward per example)",
+        ),
+        ("matmul peak", f"{peak / 1e9:.1f} GFLOP/s (n={f['matmul_peak']['n']})"),
+        (
+            "fraction of peak",
+            f"{100 * f['fraction_of_peak']:.0f}%  (loss only: "
+            f"{100 * f['fraction_of_peak_loss_only']:.0f}%)",
+        ),
+        (
+            "observables overhead",
+            "{:.2f}x  (round by round {:.2f}-{:.2f}x)".format(
+                r["observables_overhead"],
+                min(r["observables_overhead_rounds"]),
+                max(r["observables_overhead_rounds"]),
+            ),
+        ),
+        *[
+            (
+                f"loss gradient, batch {b}",
+                ", ".join(f"{k} {100 * x / peak:.1f}%" for k, x in row.items()) + " of peak",
+            )
+            for b, row in r["gradient_flops_per_s"].items()
+        ],
+        *[
+            (
+                f"conv {i + 1} on the CPU",
+                "{} -> {} channels, kernel {}, stride {}, {}: {}".format(
+                    c["w_shape"][1],
+                    c["w_shape"][0],
+                    "x".join(map(str, c["w_shape"][2:])),
+                    c["stride"],
+                    c["padding"],
+                    c["cpu"],
+                ),
+            )
+            for i, c in enumerate(r.get("layers", []))
+        ],
+        (
+            "compile, cold",
+            f"{r['end_to_end']['compile_seconds_cold']:.1f} s, "
+            f"{r['end_to_end']['xla_compilations']} XLA compilations",
+        ),
+        (
+            "compile, warm process",
+            f"{r['warm_compile'].get('compile_seconds', float('nan')):.2f} s",
+        ),
+        ("end-to-end runs/s", f"{r['end_to_end']['runs_per_s']:.1f} (with store writes)"),
+        ("peak RSS", f"{report['peak_rss_mib']:.0f} MiB"),
     ]
     w = max(len(a) for a, _ in rows)
     for a, b in rows:

@@ -211,6 +211,10 @@ class _WeightCfg(NamedTuple):
     scale: float
     parameterization: str
     weight_param: str
+    bias_init: str = "zeros"
+
+
+BIAS_INITS = ("zeros", "pytorch")
 
 
 def _check(name, value, allowed):
@@ -222,8 +226,13 @@ def _check(name, value, allowed):
 PYTORCH_GAIN = 1.0 / math.sqrt(3.0)
 
 
-def _cfg(init, gain, scale, parameterization, weight_param, activation) -> _WeightCfg:
+def _cfg(
+    init, gain, scale, parameterization, weight_param, activation, bias_init=None
+) -> _WeightCfg:
     _check("init", init, INITS)
+    if bias_init is None:
+        bias_init = "pytorch" if init == "pytorch" else "zeros"
+    _check("bias_init", bias_init, BIAS_INITS)
     _check("parameterization", parameterization, PARAMETERIZATIONS)
     _check("weight_param", weight_param, WEIGHT_PARAMS)
     if gain is None:
@@ -231,7 +240,7 @@ def _cfg(init, gain, scale, parameterization, weight_param, activation) -> _Weig
             gain = PYTORCH_GAIN
         else:
             gain = math.sqrt(2.0) if activation == "relu" else 1.0
-    return _WeightCfg(init, float(gain), float(scale), parameterization, weight_param)
+    return _WeightCfg(init, float(gain), float(scale), parameterization, weight_param, bias_init)
 
 
 def _multiplier(cfg: _WeightCfg, fan_in: int) -> float:
@@ -252,11 +261,11 @@ def _new_weight(key, shape, cfg: _WeightCfg) -> dict:
 
 def _new_layer(key, shape, cfg: _WeightCfg, bias: bool) -> dict:
     """A weight of `shape` (out, in, *kernel) and, with bias, its bias: zeros, or PyTorch's
-    default U(-1/sqrt(fan_in), 1/sqrt(fan_in)) under init="pytorch" (weight and bias then draw
-    from two halves of the key)."""
+    default U(-1/sqrt(fan_in), 1/sqrt(fan_in)) with bias_init="pytorch" (the default under
+    init="pytorch"; weight and bias then draw from two halves of the key)."""
     if not bias:
         return _new_weight(key, shape, cfg)
-    if cfg.init != "pytorch":
+    if cfg.bias_init != "pytorch":
         return {**_new_weight(key, shape, cfg), "b": jnp.zeros((shape[0],))}
     kw, kb = jax.random.split(key)
     bound = 1.0 / math.sqrt(math.prod(shape[1:]))
@@ -270,32 +279,21 @@ def _dense(p, x, c):
 
 
 def _pad_spatial(x, kernel, padding):
-    if padding != "circular":
-        return x
-    widths = [(0, 0), (0, 0)] + [((k - 1) // 2, k - 1 - (k - 1) // 2) for k in kernel]
-    return jnp.pad(x, widths, mode="wrap")
+    """x padded periodically for a circular convolution of `kernel` (unchanged otherwise)."""
+    from dynamics import conv as _convs
 
-
-_DIMENSION_NUMBERS = {1: ("NCH", "OIH", "NCH"), 2: ("NCHW", "OIHW", "NCHW")}
+    return _convs.pad(x, kernel, 1, padding) if padding == "circular" else x
 
 
 def _conv(p, x, c, stride, padding):
+    """c (w * x) + b: the convolution of `dynamics.conv.conv` (the formulation that is fast on
+    the platform the program runs on; 1x1 of stride 1 as a contraction over channels)."""
+    from dynamics import conv as _convs
+
     w = layer_weight(p)
-    nd = w.ndim - 2
-    if all(k == 1 for k in w.shape[2:]) and stride == 1:
-        # A 1x1 convolution as a contraction over channels (the same numbers): vmapped over
-        # runs, conv_general_dilated becomes a grouped convolution that XLA's SPMD partitioner
-        # miscompiles when the run axis is sharded and the layer has fewer output channels than
-        # devices ("output feature dimension ... divisible by feature_group_count").
-        y = c * jnp.einsum("oi,bi...->bo...", w.reshape(w.shape[:2]), x)
-        return y + p["b"].reshape((1, -1) + (1,) * nd) if "b" in p else y
-    x = _pad_spatial(x, w.shape[2:], padding)
-    pad = {"circular": "VALID", "valid": "VALID", "zero": "SAME"}[padding]
-    y = c * lax.conv_general_dilated(
-        x, w, (stride,) * nd, pad, dimension_numbers=_DIMENSION_NUMBERS[nd]
-    )
+    y = c * _convs.conv(x, w, stride, padding)
     if "b" in p:
-        y = y + p["b"].reshape((1, -1) + (1,) * nd)
+        y = y + p["b"].reshape((1, -1) + (1,) * (w.ndim - 2))
     return y
 
 
@@ -391,6 +389,187 @@ def _stateful(nc: _NormCfg) -> bool:
     return nc.kind == "batch"
 
 
+# --------------------------------------------------------------------------- uniform stacks
+
+# Runs of at least this many consecutive identical layers are one lax.scan (`_run_layers`).
+SCAN_MIN = 2
+
+
+def _signature(key, p, s):
+    """What must agree for two layers to share a scan body: the static key, and the structure,
+    shapes and dtypes of the layer's params and state."""
+
+    def shapes(tree):
+        leaves, treedef = jax.tree.flatten(tree)
+        return treedef, tuple((jnp.shape(a), jnp.result_type(a)) for a in leaves)
+
+    return key, shapes(p), shapes(s)
+
+
+def _stack(trees):
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+@jax.tree_util.register_pytree_node_class
+class Layers(Sequence):
+    """A network's params with its runs of identical layers kept stacked: a sequence of one
+    dict per layer to whoever reads it (`len`, `params[k]`, iteration, slices), whose pytree
+    leaves are the stacked arrays, so an optimizer, a select or a finiteness check over it is
+    a few operations whatever the depth. `pack(params)` builds it and `to_list()` gives the
+    plain list back; the factories' models (`Model.stacked`) run it without unstacking.
+
+    groups: one entry per run of layers, a layer dict (size None) or a dict whose leaves have
+    a leading axis of the run's length (size n)."""
+
+    def __init__(self, groups, sizes):
+        self.groups = list(groups)
+        self.sizes = tuple(sizes)
+
+    def tree_flatten(self):
+        return (self.groups,), self.sizes
+
+    @classmethod
+    def tree_unflatten(cls, sizes, children):
+        return cls(children[0], sizes)
+
+    def _spans(self):
+        start = 0
+        for g, n in zip(self.groups, self.sizes, strict=True):
+            yield start, 1 if n is None else n, g, n
+            start += 1 if n is None else n
+
+    def __len__(self):
+        return sum(1 if n is None else n for n in self.sizes)
+
+    def __getitem__(self, k):
+        if isinstance(k, slice):
+            lo, hi, step = k.indices(len(self))
+            if step != 1:
+                return self.to_list()[k]
+            return self._range(lo, max(lo, hi))
+        k = int(k)
+        if k < 0:
+            k += len(self)
+        for start, n, g, size in self._spans():
+            if start <= k < start + n:
+                return g if size is None else jax.tree.map(lambda a, i=k - start: a[i], g)
+        raise IndexError(f"layer {k} of a network of {len(self)} layers")
+
+    def _range(self, lo, hi) -> Layers:
+        groups, sizes = [], []
+        for start, n, g, size in self._spans():
+            a, b = max(lo, start), min(hi, start + n)
+            if a >= b:
+                continue
+            if size is None:
+                groups.append(g)
+                sizes.append(None)
+            elif (a, b) == (start, start + n):
+                groups.append(g)
+                sizes.append(size)
+            else:
+                groups.append(jax.tree.map(lambda x, a=a - start, b=b - start: x[a:b], g))
+                sizes.append(b - a)
+        return Layers(groups, sizes)
+
+    def __iter__(self):
+        for _, n, g, size in self._spans():
+            if size is None:
+                yield g
+            else:
+                yield from _unstack(g, n)
+
+    def to_list(self) -> list:
+        """The plain params: a list with one dict per layer."""
+        return list(self)
+
+    def runs(self):
+        """(start, n, stacked dict) of every stacked run (start: its first layer's index)."""
+        return [(s, n, g) for s, n, g, size in self._spans() if size is not None]
+
+
+def pack(params, min_run: int | None = None) -> Layers:
+    """params (a list of layer dicts) as `Layers`: every run of at least `min_run` (default
+    SCAN_MIN) consecutive layers of equal structure, shapes and dtypes stacked."""
+    if isinstance(params, Layers):
+        return params
+    min_run = SCAN_MIN if min_run is None else min_run
+    params = list(params)
+    groups, sizes = [], []
+    i = 0
+    while i < len(params):
+        sig = _signature(None, params[i], None)
+        j = i + 1
+        while j < len(params) and _signature(None, params[j], None) == sig:
+            j += 1
+        if j - i >= min_run:
+            groups.append(_stack(params[i:j]))
+            sizes.append(j - i)
+        else:
+            groups.extend(params[i:j])
+            sizes.extend([None] * (j - i))
+        i = j
+    return Layers(groups, sizes)
+
+
+def unpack(tree):
+    """tree with every `Layers` in it replaced by its plain list."""
+    return jax.tree.map(
+        lambda x: x.to_list() if isinstance(x, Layers) else x,
+        tree,
+        is_leaf=lambda x: isinstance(x, Layers),
+    )
+
+
+def _unstack(tree, n: int) -> list:
+    return [jax.tree.map(lambda a, i=i: a[i], tree) for i in range(n)]
+
+
+def _run_layers(step, h, params, states, keys, scan: bool = True):
+    """(h, new states) after the layers i = 0..n-1 in order, each (h, s_i') = step(keys[i],
+    params[i], s_i, h) with s_i = states[i] (states None: every s_i is None).
+
+    A run of at least SCAN_MIN consecutive layers with equal `keys` (hashable static settings:
+    a multiplier, whether the layer changes the shape of h) and params and states of equal
+    shapes is one `lax.scan` over their stacked params (jnp.stack of the layer dicts, whose
+    transpose hands each layer its own gradient), so the program holds one copy of the layer
+    however deep the stack: compile time does not grow with depth, and the backward pass is a
+    scan too. The numbers are the unrolled layers' to float rounding (XLA fuses across layers
+    only when they are unrolled). The caller's keys must make a layer keep the shape of h inside
+    a run; a body whose output dtype differs from its input's (mixed precisions) is unrolled.
+    scan=False unrolls every layer."""
+    n = len(params)
+    ss = [None] * n if states is None else list(states)
+    new: list = []
+    i = 0
+    while i < n:
+        j = i + 1
+        if scan:
+            sig = _signature(keys[i], params[i], ss[i])
+            while j < n and _signature(keys[j], params[j], ss[j]) == sig:
+                j += 1
+        if j - i >= SCAN_MIN:
+            key = keys[i]
+
+            def body(h, ps, key=key):
+                h2, s2 = step(key, ps[0], ps[1], h)
+                return h2, s2
+
+            try:
+                h, s_new = lax.scan(body, h, (_stack(params[i:j]), _stack(ss[i:j])))
+            except TypeError:  # the body changes h's type (a promotion): unroll these layers
+                j = i + 1
+            else:
+                new.extend(_unstack(s_new, j - i) if s_new is not None else [None] * (j - i))
+                i = j
+                continue
+        for k in range(i, j):
+            h, s = step(keys[k], params[k], ss[k], h)
+            new.append(s)
+        i = j
+    return h, new
+
+
 def _model(init_fn, run, init_state_fn=None, dense=None) -> Model:
     """A Model from `run(params, state, x, mask, train) -> Forward` (state None: not tracked)."""
 
@@ -430,6 +609,8 @@ def mlp(
     gain: float | None = None,
     scale: float = 1.0,
     parameterization: str = "standard",
+    bias_init: str | None = None,
+    scan: bool = True,
 ) -> Model:
     """Fully connected network  h_0 = x,  h_k = act(N(W_k h_{k-1} + b_k)),  y = W_L h_{L-1} + b_L.
 
@@ -440,8 +621,13 @@ def mlp(
     every hidden layer, with running statistics (PyTorch's momentum `bn_momentum`, unbiased
     variance) as the model's state for eval mode. weight_param: "plain", "weight" (weight norm)
     or "lagrange" (W = rho V) on every layer. init="pytorch" is PyTorch's default for nn.Linear:
-    W and b ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)). Inputs of more than one feature axis are
-    flattened.
+    W and b ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)); bias_init ("zeros" or "pytorch"; default:
+    "pytorch" exactly under init="pytorch") draws the biases so under any weight init (every
+    factory with biases takes it). Inputs of more than one feature axis are flattened.
+    scan: hidden layers of equal shapes run as one `lax.scan` over their stacked params, so
+    compile time does not grow with depth (params stay one dict per layer; the numbers are the
+    unrolled network's to float rounding); False unrolls every layer (every factory with a
+    stack of identical layers takes it).
     """
     widths = tuple(int(w) for w in widths)
     if len(widths) < 2:
@@ -458,7 +644,7 @@ def mlp(
         momentum=bn_momentum,
         allowed=(None, "batch"),
     )
-    cfg = _cfg(init, gain, scale, parameterization, weight_param, activation)
+    cfg = _cfg(init, gain, scale, parameterization, weight_param, activation, bias_init)
     act = ACTIVATIONS[activation]
     n_layers = len(widths) - 1
     mults = [_multiplier(cfg, widths[i]) for i in range(n_layers)]
@@ -477,13 +663,13 @@ def mlp(
         return [_norm_state(widths[i + 1], nc) for i in range(n_layers - 1)] + [{}]
 
     def run(params, state, x, mask, train):
+        def hidden(c, p, s, h):
+            h, s = _apply_norm(p, s, _dense(p, h, c), mask, nc, train)
+            return act(h), s
+
         h = x.reshape(x.shape[0], -1)
-        new = []
-        for i in range(n_layers - 1):
-            h = _dense(params[i], h, mults[i])
-            h, s = _apply_norm(params[i], None if state is None else state[i], h, mask, nc, train)
-            new.append(s)
-            h = act(h)
+        states = None if state is None else state[:-1]
+        h, new = _run_layers(hidden, h, params[:-1], states, mults[:-1], scan)
         y = _dense(params[-1], h, mults[-1])
         return Forward(y, h, None if state is None else new + [state[-1]])
 
@@ -525,6 +711,8 @@ def linear_conv1d(
     scale: float = 1.0,
     parameterization: str = "standard",
     weight_param: str = "plain",
+    bias_init: str | None = None,
+    scan: bool = True,
 ) -> Model:
     """Deep linear 1-D convolutional network (Dai & Heckel 2019, section 4).
 
@@ -536,7 +724,8 @@ def linear_conv1d(
     keeps the length); b_k only with bias=True. N: None, "channel" (channel norm of
     `channel_form`, see `norms.channel_norm`; norm_bias adds a learned per-channel shift, as
     the authors' does) or "bias" (no normalization, a learned per-channel shift: the authors'
-    baseline). x: (batch, channels, n) -> y: (batch, out_channels, n).
+    baseline). x: (batch, channels, n) -> y: (batch, out_channels, n). scan: the blocks as
+    one `lax.scan` over their stacked params (compile time independent of depth; see `mlp`).
     """
     if depth < 1:
         raise ValueError(f"depth must be at least 1, got {depth}")
@@ -545,7 +734,7 @@ def linear_conv1d(
     nc = _norm_cfg(
         norm, eps=eps, form=channel_form, bias=norm_bias, allowed=(None, "channel", "bias")
     )
-    cfg = _cfg(init, gain, scale, parameterization, weight_param, "linear")
+    cfg = _cfg(init, gain, scale, parameterization, weight_param, "linear", bias_init)
     c = _multiplier(cfg, channels * kernel)
     c_out = out_channels or channels
     c_head = _multiplier(cfg, channels)
@@ -564,9 +753,10 @@ def linear_conv1d(
         return params
 
     def run(params, state, x, mask, train):
-        h = x
-        for i in range(n_blocks):
-            h, _ = _apply_norm(params[i], None, _conv(params[i], h, c, 1, padding), mask, nc, train)
+        def block(c, p, s, h):
+            return _apply_norm(p, None, _conv(p, h, c, 1, padding), mask, nc, train)[0], None
+
+        h, _ = _run_layers(block, x, params[:n_blocks], None, [c] * n_blocks, scan)
         if not head:
             return Forward(_conv(params[-1], h, c, 1, padding), h, state)
         y = _conv(params[-1], h, c_head, 1, padding)
@@ -600,6 +790,8 @@ def deep_decoder(
     gain: float | None = None,
     scale: float = 1.0,
     parameterization: str = "standard",
+    bias_init: str | None = None,
+    scan: bool = True,
 ) -> Model:
     """Deep-decoder generator (Heckel & Hand 2019; Dai & Heckel 2019).
 
@@ -611,6 +803,8 @@ def deep_decoder(
     affine adds gamma and beta), then y = out(w_out * x_depth + b_out) with a 1x1 convolution to
     `out_channels` (b_out with head_bias) and out = sigmoid (or identity for output="linear").
     x: (batch, in_channels, *spatial) with `dim` spatial axes -> y: (batch, out_channels, ...).
+    scan: blocks of equal shapes that keep the map's size (no upsampling) as one `lax.scan`
+    over their stacked params (compile time independent of depth; see `mlp`).
     """
     _check("output", output, ("sigmoid", "linear"))
     _check("padding", padding, ("circular", "zero"))
@@ -618,7 +812,7 @@ def deep_decoder(
         norm, eps=eps, affine=affine, momentum=bn_momentum, form=channel_form, bias=norm_bias
     )
     in_channels = channels if in_channels is None else in_channels
-    cfg = _cfg(init, gain, scale, parameterization, "plain", "relu")
+    cfg = _cfg(init, gain, scale, parameterization, "plain", "relu", bias_init)
     ks = (kernel,) * dim
     c_in = _multiplier(cfg, in_channels * kernel**dim)
     c_mid = _multiplier(cfg, channels * kernel**dim)
@@ -644,14 +838,20 @@ def deep_decoder(
         shape = h.shape[:2] + tuple(s * upsample for s in h.shape[2:])
         return jax.image.resize(h, shape, method=upsample_method)
 
+    def upsamples(i):
+        return upsample != 1 and (upsample_last or i != depth - 1)
+
+    # a block that upsamples changes the map's size: its own key, never inside a scan
+    keys = [(c_in if i == 0 else c_mid, i if upsamples(i) else None) for i in range(depth)]
+
     def run(params, state, x, mask, train):
-        h = x
-        new = []
-        for i in range(depth):
-            h = _conv(params[i], up(h, i), c_in if i == 0 else c_mid, 1, padding)
-            s = None if state is None else state[i]
-            h, s = _apply_norm(params[i], s, jax.nn.relu(h), mask, nc, train)
-            new.append(s)
+        def block(key, p, s, h):
+            c, i = key
+            h = _conv(p, h if i is None else up(h, i), c, 1, padding)
+            return _apply_norm(p, s, jax.nn.relu(h), mask, nc, train)
+
+        states = None if state is None else state[:depth]
+        h, new = _run_layers(block, x, params[:depth], states, keys, scan)
         y = _conv(params[-1], h, c_out, 1, padding)
         y = jax.nn.sigmoid(y) if output == "sigmoid" else y
         return Forward(y, h, None if state is None else new + [state[-1]])
@@ -680,6 +880,8 @@ def cnn(
     scale: float = 1.0,
     parameterization: str = "standard",
     weight_param: str = "plain",
+    bias_init: str | None = None,
+    scan: bool = True,
 ) -> Model:
     """1-D or 2-D convolutional classifier: conv blocks, then one dense output layer.
 
@@ -687,6 +889,8 @@ def cnn(
     "zero", "circular" or "valid"), h = flatten(x_K) (or its global mean over space with
     pool="avg"), y = W h + b. in_shape = (C, L) or (C, H, W), without the batch axis.
     norm="batch" keeps running statistics as the model's state (eval mode), as `mlp` does.
+    scan: conv blocks of equal shapes that keep the map's size (stride 1, padding "zero" or
+    "circular") as one `lax.scan` over their stacked params (see `mlp`).
     """
     in_shape = tuple(int(s) for s in in_shape)
     dim = len(in_shape) - 1
@@ -696,21 +900,24 @@ def cnn(
     _check("pool", pool, (None, "avg"))
     _check("activation", activation, tuple(ACTIVATIONS))
     nc = _norm_cfg(norm, bn_p=bn_p, eps=eps, affine=affine, momentum=bn_momentum)
-    cfg = _cfg(init, gain, scale, parameterization, weight_param, activation)
+    cfg = _cfg(init, gain, scale, parameterization, weight_param, activation, bias_init)
     act = ACTIVATIONS[activation]
     chans = (in_shape[0],) + tuple(int(c) for c in channels)
     ks = (kernel,) * dim
     mults = [_multiplier(cfg, chans[i] * kernel**dim) for i in range(len(channels))]
 
+    # a block that changes the map's size has its own key, never inside a scan
+    same_size = stride == 1 and padding != "valid"
+    keys = [(mults[i], None if same_size else i) for i in range(len(channels))]
+
     def conv_stack(params, state, x, mask, train):
-        h = x
-        new = []
-        for i in range(len(channels)):
-            h = _conv(params[i], h, mults[i], stride, padding)
-            s = None if state is None else state[i]
-            h, s = _apply_norm(params[i], s, h, mask, nc, train)
-            new.append(s)
-            h = act(h)
+        def block(key, p, s, h):
+            h = _conv(p, h, key[0], stride, padding)
+            h, s = _apply_norm(p, s, h, mask, nc, train)
+            return act(h), s
+
+        states = None if state is None else state[: len(channels)]
+        h, new = _run_layers(block, x, params[: len(channels)], states, keys, scan)
         h = jnp.mean(h, axis=tuple(range(2, h.ndim))) if pool else h.reshape(h.shape[0], -1)
         return h, new
 

@@ -454,8 +454,8 @@ def test_train_margins_are_taken_on_each_minibatch_before_its_step():
     for t in range(1, 4):
         idx = jax.random.permutation(jax.random.fold_in(k_data, t), N)[:10]
         b = Batch(DATA.x_train[idx], DATA.y_train[idx], jnp.full((10,), 0.1), state)
-        out = models.forward(BN, st.params, state, b.x, train=True).y
-        ms.append(np.asarray(obs.margins(out, b.y, obs.rho_eff(st.params, state))))
+        f = models.forward(BN, st.params, state, b.x, train=True)
+        ms.append(np.asarray(obs.margins(f.y, b.y, obs.rho_eff(st.params, f.state))))
         st, info = stepper.step_fn(st, b, hp)
         state = info.model_state
     ms = np.concatenate(ms)
@@ -596,3 +596,52 @@ def test_data_transform_gives_each_run_its_own_draw():
     want = jax.random.uniform(jax.random.fold_in(jax.random.key(0), 13), DATA.x_train.shape)
     np.testing.assert_allclose(a["x0"], float(want[0, 0]), rtol=1e-6)
     assert float(a["x0"][0]) != float(b["x0"][0]) and float(a["x0"][0]) == float(again["x0"][0])
+
+
+def test_pytorch_biases_under_any_weight_init():
+    m = models.cnn((1, 8, 8), (4,), 3, bias=True, init="frobenius", bias_init="pytorch")
+    p = m.init(jax.random.key(0))
+    assert float(jnp.linalg.norm(p[0]["w"])) == pytest.approx(1.0, rel=1e-5)
+    b = np.asarray(p[0]["b"])
+    assert np.abs(b).max() <= 1 / 3 and np.abs(b).max() > 0  # U(+-1/sqrt(1*3*3))
+    assert not np.asarray(
+        models.cnn((1, 8, 8), (4,), 3, bias=True).init(jax.random.key(0))[0]["b"]
+    ).any()
+    with pytest.raises(ValueError, match="bias_init"):
+        models.mlp((3, 2), bias=True, bias_init="ones")
+
+
+def test_batch_norm_refuses_a_last_batch_of_one_example():
+    spec = RunSpec(
+        BN, DATA, loss="cross_entropy", epochs=2, record_every=1, batch=29
+    )  # 30 = 29 + 1
+    with pytest.raises(ValueError, match="last batch of one example"):
+        spec.validate()
+    RunSpec(BN, DATA, loss="cross_entropy", epochs=2, record_every=1, batch=28).validate()
+
+
+def test_float64_runs_keep_float64_records():
+    """precision="float64" computes and records in double, every observable included (the
+    float32 CPU kernels step aside); run in a subprocess, which enables x64."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(
+        """
+        import jax; jax.config.update("jax_enable_x64", True)
+        import numpy as np, dynamics as dyn
+        d = dyn.data.digits(seed=0, n_train=100)
+        spec = dyn.RunSpec(dyn.mlp((64, 16, 10)), d, loss="cross_entropy", steps=10,
+            record_every=5, batch=20, precision="float64", observables=("loss", "rho", "rank",
+            "batch_loss", "grad_corr", "grad_norm", "sharpness", "update_size"))
+        tr = jax.jit(dyn.make_run(spec))(dyn.Hparams(lr=0.1), jax.random.key(0))
+        bad = [k for k, v in tr.items() if v.dtype.kind == "f" and k != "epoch"
+               and v.dtype != np.float64]
+        assert not bad and (np.asarray(tr["status"]) == 0), bad
+        assert np.isfinite(np.asarray(tr["loss"])).all()
+        print("ok")
+        """
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]

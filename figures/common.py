@@ -145,3 +145,10 @@ def fmt(x, digits: int = 3) -> str:
 def image(name: str) -> str:
     """Markdown for a gallery image (docs/gallery/NAME.png)."""
     return f"![{name.replace('_', ' ')}](docs/gallery/{name}.png)"
+
+
+def image_names(markdown: str) -> list[str]:
+    """The gallery images (docs/gallery/NAME.png) a README section links to."""
+    import re
+
+    return re.findall(r"\]\(docs/gallery/([\w-]+)\.png\)", markdown)

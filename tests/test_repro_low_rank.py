@@ -59,9 +59,11 @@ def test_protocol_of_the_instance(ds):
 
 def test_no_weight_decay_keeps_full_rank(ds):
     # measured: 32.0 for both seeds and both batch sizes after 60 epochs (31.5-32 on the way)
+    # here; 31.33 (one singular value of one layer just under 1e-3) for one run on another CPU,
+    # whose kernels round differently: one value at the threshold may cross it, no more
     r = rank_at(ds, 1e-3).sel(weight_decay=0.0)
-    assert float(r.isel(epoch=-1).min()) >= 31.5, r.isel(epoch=-1).values
-    assert float(r.min()) >= 31.0
+    assert float(r.isel(epoch=-1).min()) >= 31.0, r.isel(epoch=-1).values
+    assert float(r.min()) >= 30.66
 
 
 def test_rank_falls_as_batch_size_decreases(ds):
@@ -81,7 +83,8 @@ def test_rank_falls_as_batch_size_decreases(ds):
 def test_rank_falls_as_weight_decay_increases(ds):
     # B=4, seed mean after 60 epochs: 32.0 (wd 0), 31.67 (wd 1e-3), 27.2 (wd 6e-3)
     by_wd = [float(end_rank(ds, weight_decay=wd, batch_size=4).mean()) for wd in (0, 1e-3, 6e-3)]
-    assert by_wd[0] >= by_wd[1] > by_wd[2] + 2.5, by_wd
+    # (a value at the 1e-3 threshold may cross it on another CPU: 0.5 of slack at the top)
+    assert by_wd[0] + 0.5 >= by_wd[1] > by_wd[2] + 2.5, by_wd
     # and the drop grows over the epochs: wd 6e-3, B=4: 31.7 (epoch 10) -> 29.3 (40) -> 27.2 (60)
     r = rank_at(ds, 1e-3).sel(weight_decay=6e-3, batch_size=4).mean("seed").values
     assert r[-1] < r[1] - 2.5 and r[4] < r[1], r

@@ -19,6 +19,10 @@ multiplies the seeds of both, --only dense|conv measures one:
                 gradient per batch size in isolation, the compiled MLP gradient against autodiff;
   compile       seconds cold (empty cache) and warm (a second process, persistent cache),
                 number of XLA compilations; peak resident memory; device and versions.
+  depth         the compile time of a sweep-like program (4 runs vmapped, 5 SGD steps in a
+                scan) at depth 10 and 100 (a deep MLP and a deep linear 1-D conv net), with the
+                uniform stacks scanned (the factories' default) and unrolled: the ratio
+                depth 100 / depth 10 is the target (at most 1.5 scanned; --only depth).
 
 The conv grid reports the same figures (under "conv" in the JSON, with its targets as
 conv.fraction_of_peak, conv.vectorized_over_loop, conv.observables_overhead), except that its
@@ -66,7 +70,7 @@ def _parse(argv):
     p.add_argument("--scale", type=int, default=1, help="multiply the reference grid's seeds")
     p.add_argument("--out", default=str(ROOT / "bench" / "out"))
     p.add_argument("--skip-loop", action="store_true", help="skip the loops of single runs")
-    p.add_argument("--only", choices=("dense", "conv"), help="measure one grid only")
+    p.add_argument("--only", choices=("dense", "conv", "depth"), help="measure one part only")
     p.add_argument(
         "--conv-set",
         action="append",
@@ -761,6 +765,72 @@ def conv_grid(args, counter, cache, peak) -> dict:
     return report
 
 
+DEPTHS = (10, 100)
+
+
+def _depth_models(depth: int, scan: bool) -> dict:
+    import dynamics as dyn
+
+    return {
+        "mlp (width 32)": (
+            dyn.mlp((16,) + (32,) * (depth - 1) + (4,), scan=scan),
+            (64, 16),
+        ),
+        "linear_conv1d (kernel 15, 1 channel)": (
+            dyn.linear_conv1d(depth, kernel=15, channels=1, scan=scan),
+            (64, 1, 64),
+        ),
+    }
+
+
+def depth_compile(runs: int = 4, steps: int = 5) -> dict:
+    """Seconds to compile (lower + compile of a fresh function: no in-process cache is hit, and
+    the persistent cache is a new empty directory) a sweep-like program at each depth of
+    DEPTHS, its uniform stacks scanned and unrolled: `runs` runs vmapped, each `steps` SGD
+    steps on the mean square loss in a lax.scan (the runner's shape of program: the optimizer
+    update sits in the loop beside the gradient); and the ratios deepest / shallowest."""
+    import jax
+    import jax.numpy as jnp
+
+    out: dict = {}
+    for scan in (True, False):
+        for depth in DEPTHS:
+            for name, (model, shape) in _depth_models(depth, scan).items():
+                keys = jax.random.split(jax.random.PRNGKey(0), runs)
+                params = jax.vmap(model.init)(keys)
+                x = jnp.ones(shape, jnp.float32)
+
+                def train(p, x, model=model):
+                    def step(p, _):
+                        loss, g = jax.value_and_grad(lambda p: jnp.mean(model.apply(p, x) ** 2))(p)
+                        return jax.tree.map(lambda a, b: a - 0.01 * b, p, g), loss
+
+                    return jax.lax.scan(step, p, None, length=steps)
+
+                f = jax.jit(jax.vmap(train, in_axes=(0, None)))
+                t0 = time.perf_counter()
+                f.lower(params, x).compile()
+                sec = time.perf_counter() - t0
+                row = out.setdefault(name, {}).setdefault("scan" if scan else "unrolled", {})
+                row[str(depth)] = sec
+    lo, hi = str(DEPTHS[0]), str(DEPTHS[-1])
+    for rows in out.values():
+        for row in rows.values():
+            row["ratio"] = row[hi] / row[lo]
+    return out
+
+
+def _print_depth_table(d: dict) -> None:
+    lo, hi = DEPTHS[0], DEPTHS[-1]
+    print(f"compile of 4 runs x 5 SGD steps, depth {lo} -> {hi} (target: scanned ratio <= 1.5)")
+    for name, rows in d.items():
+        for how, row in rows.items():
+            print(
+                f"  {name:<38} {how:<9} {row[str(lo)]:6.2f} s -> {row[str(hi)]:6.2f} s"
+                f"  ratio {row['ratio']:.2f}"
+            )
+
+
 def main(argv=None) -> int:
     args = _parse(argv)
     cache = tempfile.mkdtemp(prefix="dynamics-bench-cache-")
@@ -786,6 +856,8 @@ def main(argv=None) -> int:
         report.update(dense_grid(args, counter, cache, peak))
     if args.only in (None, "conv"):
         report["conv"] = conv_grid(args, counter, cache, peak)
+    if args.only in (None, "depth"):
+        report["depth_compile"] = depth_compile()
 
     report["xla_compilations_total"] = counter.count
     report["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -801,6 +873,8 @@ def main(argv=None) -> int:
         _print_table(report)
     if "conv" in report:
         _print_conv_table(report)
+    if "depth_compile" in report:
+        _print_depth_table(report["depth_compile"])
     print(f"[bench] wrote {path}")
     return 0
 

@@ -6,7 +6,7 @@ Papers and code: Heckel & Hand, "Deep Decoder" (ICLR 2019, reinhardh/supplement_
 Heckel & Soltanolkotabi, "Denoising and regularization via exploiting the structural bias of
 convolutional generators" (ICLR 2020, MLI-lab/overparameterized_convolutional_generators) and
 "Compressive sensing with un-trained neural networks" (ICML 2020, MLI-lab/cs_deep_decoder).
-File citations are in /work/notes/protocol_P5.md.
+File citations are in docs/protocols/P5.md.
 
 Networks (`Model`s, pure, vmap-safe):
   `deep_decoder`         blocks  h <- BN(relu(resize(W_i h)))  with 1x1 convolutions W_i (no bias),

@@ -387,7 +387,7 @@ def gallery(n: dict) -> str:
         common.image("norm_dynamics_equilibrium"),
         "",
         "Protocol (`sweeps/configs/norm_dynamics.py`, notes with file citations in "
-        "`notes/protocol_P2.md`):",
+        "`docs/protocols/P2.md`):",
         "",
         "| | authors (GraceXu182/binaryclassifiers_squareloss) | ours (CPU scale) | why different |",
         "|---|---|---|---|",

@@ -1,5 +1,5 @@
 """P4 (Dai & Heckel, arXiv 1907.09539) under the authors' protocol, through the sweep configs the
-figure uses (MLI-lab/channel_normalization; /work/notes/protocol_P4.md).
+figure uses (MLI-lab/channel_normalization; docs/protocols/P4.md).
 
 - The configs' networks are the authors': their forward pass written out independently here
   (include/onedim.py: `pad_circular1d`, `ChannelNormalization` modes "BN" and "only+bias",

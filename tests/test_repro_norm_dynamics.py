@@ -1,5 +1,5 @@
 """P2 of REPRODUCTIONS.md at small scale, under the authors' protocol (sweeps/configs/
-norm_dynamics.py, norm_equilibrium.py, neural_collapse.py; notes/protocol_P2.md).
+norm_dynamics.py, norm_equilibrium.py, neural_collapse.py; docs/protocols/P2.md).
 
 Xu, Rangamani, Liao, Galanti, Poggio (2023) with their code's definitions: the BN conv net
 NetSimpleConv4 (conv biases, non-affine BN before the ReLUs, weights at ||W_k||_F = s, PyTorch's

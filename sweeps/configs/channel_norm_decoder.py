@@ -2,7 +2,7 @@
 1024, with and without channel normalization (Dai & Heckel, arXiv 1907.09539), under the authors'
 protocol at the authors' sizes (MLI-lab/channel_normalization, snapshot c26d1e1; the ReLU
 experiment of one_dim_net_convergence_paper.ipynb, cells 3-9; file citations in
-/work/notes/protocol_P4.md, sections 1-4).
+docs/protocols/P4.md, sections 1-4).
 
 The authors' protocol, each fact from their code:
 - network (`decnet(1, [4]*12, 3, act_fun=nn.ReLU(), mode, res=False)`, include/onedim.py:

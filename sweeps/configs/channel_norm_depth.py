@@ -1,7 +1,7 @@
 """P4 (a) of REPRODUCTIONS.md: deep single-channel linear 1-D conv nets fitting one step, with
 and without channel normalization (Dai & Heckel, arXiv 1907.09539, section 4), under the
 authors' protocol at the authors' sizes (MLI-lab/channel_normalization, snapshot c26d1e1; file
-citations in /work/notes/protocol_P4.md, sections 1-4).
+citations in docs/protocols/P4.md, sections 1-4).
 
 The authors' protocol, each fact from their code:
 - network (`decnet(1, [1]*L, 15, act_fun=None, mode, res=False)`, include/onedim.py:174-207):
@@ -27,7 +27,7 @@ The authors' protocol, each fact from their code:
   `out_grads[:, 0]`): `grad_init` below, whose record 1 is the gradient at initialization
   (layer L is the head), and the loss every `record_every` iterations.
 - sizes: depths 5, 10 and 30 (one_dim_net_convergence_paper.ipynb, cells 13-19); they trained
-  2000-5000 iterations (3000 for channel norm at L=30); here every run takes 3000.
+  1000-5000 iterations (3000 for channel norm at L=30); here every run takes 3000.
 What moved: nothing of the network, data or optimizer. The authors ran one unseeded run per
 depth and mode, each with a fresh input and initialization; we run 32 seeds, each drawing its
 own initialization and its own input (`fresh_input`, from the run's key through

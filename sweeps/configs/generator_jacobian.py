@@ -3,7 +3,7 @@ leading left singular vectors are the dual kernel's leading eigenvectors (for a 
 low-frequency trigonometric functions), they move little during training, and gradient descent
 fits the signal along them first (Heckel & Soltanolkotabi, ICLR 2020, Figs 6-7).
 
-Protocol (/work/notes/protocol_P5.md section 4):
+Protocol (docs/protocols/P5.md section 4):
 - the generator, U and v of `generator_recovery` (the authors' Gaussian kernel, v = +-1/sqrt(k));
 - target: Fig 7's noisy step, 1 on the first half and 0 on the second plus N(0, 0.2^2) noise
   (their notebook: 0.4 * N(0, 0.5^2)); square loss (mean over the n outputs), full-batch GD,

@@ -5,7 +5,7 @@ from m Gaussian measurements a signal in the span of its Jacobian's leading sing
 
 Protocol. The authors' code has no recovery experiment for this generator (only its dual kernel,
 kernels_and_associated_dual_kernels.ipynb, and an identity-U landscape plot:
-/work/notes/protocol_P5.md section 4), so the setup follows the papers' model:
+docs/protocols/P5.md section 4), so the setup follows the papers' model:
 - U = circulant of the authors' Gaussian kernel exp(-p^2 / (s^2 n^2)) normalized to unit norm
   (their notebook's kernel, s = 0.05); v = +-1/sqrt(k) (their visualization notebook); C (n, k)
   trained from C_ij ~ N(0, omega^2) (`priors.two_layer_generator`);

@@ -4,7 +4,7 @@ its image stays close to the true one, far better than the least-norm solution A
 (Heckel & Soltanolkotabi, ICML 2020; compressive_sensing_example_convergence.ipynb of
 MLI-lab/cs_deep_decoder).
 
-The authors' protocol (/work/notes/protocol_P5.md, sections 1-4):
+The authors' protocol (docs/protocols/P5.md, sections 1-4):
 - network: the cs repo's `deepdecoder(in_size, out_size, 1, [k] * depth)` (include/decoder.py:
   24-80): `depth` blocks of 1x1 conv (no bias) -> bilinear resize (align_corners=False) to the
   geometric sizes ceil(scale^n in) -> ReLU -> BatchNorm (affine, one image), then a 1x1 conv and a

@@ -3,12 +3,12 @@ image first fits the image, then the noise: its PSNR to the clean image over ite
 U-shaped (Heckel & Hand, ICLR 2019, denoising.ipynb of reinhardh/supplement_deep_decoder;
 Heckel & Soltanolkotabi, ICLR 2020, Fig 1).
 
-The authors' protocol (/work/notes/protocol_P5.md, sections 1-4):
+The authors' protocol (docs/protocols/P5.md, sections 1-4):
 - network and input: `decodernw(C, [k] * n_up)` as in `image_prior_fit`;
 - noise: sigma / 255 Gaussian, independent per pixel and channel, then clipped to [0, 1]
   (`np.random.normal`, `np.clip`);
 - loss: MSE to the noisy image; Adam, lr 0.01; recorded: the MSE and PSNR to the clean image
-  (`mse_wrt_truth`; PSNR = 10 log10(1/MSE), peak 1: include/helpers.py:109-121) at every record,
+  (`mse_wrt_truth`; PSNR = 10 log10(1/MSE), peak 1: include/helpers.py:116-121) at every record,
   so the best iteration and the U shape come from one run (they keep the best net by training
   loss, `find_best`; we record the whole curve instead).
 Theirs: astronaut 512x512 RGB, sigma 30, k = 128, 5 upsamplings from 16x16, 1900 iterations:

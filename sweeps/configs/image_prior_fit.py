@@ -2,7 +2,7 @@
 same norm (Heckel & Soltanolkotabi, ICLR 2020, Fig 1: denoising_MSE_curves.ipynb of
 MLI-lab/overparameterized_convolutional_generators).
 
-The authors' protocol (file citations in /work/notes/protocol_P5.md, sections 1-2, 4):
+The authors' protocol (file citations in docs/protocols/P5.md, sections 1-2, 4):
 - network: `decodernw(1, [k] * n_up)` (include/decoder.py:23-72): n_up + 1 blocks of 1x1 conv
   (no bias) -> bilinear x2 upsampling (align_corners=False; not in the last block) -> ReLU ->
   BatchNorm2d (affine, train mode over one image), then a 1x1 conv (no bias) and a sigmoid;
@@ -16,6 +16,10 @@ scikit-learn's "china" photograph (theirs: the 256x256 phantom), k in {32, 64} (
 4 upsamplings from 4x4 (theirs from 16x16), 2000 steps (theirs 10^4), 2 seeds (theirs 1). The seed
 draws the network's initialization; the input and the noise come from `data_seed`. The paper
 scale (`--set scale=paper`) has their k, sizes and length on a 256x256 photograph.
+Not the authors' order in this figure: the notebook's image and noise fits (its cells 21 and 23)
+build the decoder with the block that keeps the size first (blocks at sizes 16...256); the order
+above, with that block last, is the one of its noisy-image fit (cell 25) and of the supplement's
+denoising (docs/protocols/P5.md, Differences).
 """
 
 import dynamics as dyn

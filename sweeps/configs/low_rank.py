@@ -1,7 +1,7 @@
 """P1, low-rank bias of SGD with weight decay (Galanti, Siegel, Gupte, Poggio, arXiv 2206.05794).
 
 The authors' protocol (their code, TomerGalanti/LowRankBias at 044f060; notes with every
-citation in /work/notes/protocol_P1.md), which every scale here runs:
+citation in docs/protocols/P1.md), which every scale here runs:
 
 - Model (models/mlp.py:20-32): the input flattened, then `depth` blocks Linear(bias) ->
   BatchNorm1d -> ReLU, then a Linear(bias) classifier. `bias = True` and `activation = relu`

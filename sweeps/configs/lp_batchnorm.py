@@ -1,6 +1,6 @@
 """P7 (c): L1 and L-infinity (top-k) batch norm train as well as L2 batch norm, in float32 and
 in half precision (Hoffer, Banner, Golan, Soudry, arXiv 1803.01814, section 5), under the
-authors' definitions (citations in /work/notes/protocol_P7.md section A):
+authors' definitions (citations in docs/protocols/P7.md section A):
 
 - Normalizations (eladhoffer/norm_matters models/lp_norm.py; convNet.pytorch
   models/modules/lp_norm.py): l2 (x - mu) / sqrt(mean (x - mu)^2 + 1e-5); l1 (x - mu) /

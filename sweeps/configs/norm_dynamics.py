@@ -1,7 +1,7 @@
 """P2, norm dynamics under the square loss (Xu, Rangamani, Liao, Galanti, Poggio, Research 2023).
 
 The authors' protocol (their code, GraceXu182/binaryclassifiers_squareloss at 16f4b31; notes
-with every citation in /work/notes/protocol_P2.md), which every scale here runs:
+with every citation in docs/protocols/P2.md), which every scale here runs:
 
 - Data (binary_dataset.py:12-45, train_binary.py:189-208, 431-434, 480-492, 543-554): two
   classes (CIFAR-10 1 = automobile -> output 0, 2 = bird -> output 1), each image standardized

@@ -2,7 +2,7 @@
 run without weight decay whose per-channel learning rate is corrected by the norm ratio
 recovers the weight-decay run (Hoffer, Banner, Golan, Soudry, arXiv 1803.01814, "Norm
 matters", section 2 and its figure 1), under the authors' protocol (eladhoffer/norm_matters
-at 3b103aa, `normmatters_wd/`; citations in /work/notes/protocol_P7.md section B):
+at 3b103aa, `normmatters_wd/`; citations in docs/protocols/P7.md section B):
 
 - Runs (`run_all`): `wd` (SGD with wd on every parameter); `no_wd` (wd 0 except on the
   classifier's weight and bias, `sgd_lastlayerwd..._otherlayerswd0`); `corrected` (as no_wd,

@@ -2,7 +2,7 @@
 
 The P2 authors' 4-layer conv net shape (GraceXu182/binaryclassifiers_squareloss,
 extarget.py:668-748, `NetSimpleConv4`: three 3x3 convolutions of stride 2 doubling the channels,
-then one layer to the classes; notes in /work/notes/protocol_P2.md) on 16x16 single-channel
+then one layer to the classes; notes in docs/protocols/P2.md) on 16x16 single-channel
 images, kept simple and fixed: `dyn.cnn((1, 16, 16), (16, 32, 64), 10, stride=2)`, i.e.
 
     conv 1 -> 16, 3x3, stride 2, zero ("SAME") padding, ReLU   16x16 -> 8x8

@@ -2,7 +2,7 @@
 and decoupled weight decay (AdamW: w <- w - lr (adam step + wd w)) differ, and decoupled decay
 is the better regularizer (Zhang, Wang, Xu, Grosse, arXiv 1810.12281, "Three mechanisms of
 weight decay regularization"), under the authors' protocol (gd-zhang/Weight-Decay at f927935;
-citations in /work/notes/protocol_P7.md section C):
+citations in docs/protocols/P7.md section C):
 
 - Optimizer (libs/adam/optimizer.py): Adam lr 1e-3, betas (0.9, 0.999), eps 1e-8 outside the
   root, bias-corrected; "l2" adds wd w to the gradient before the moments, "wd" adds wd w to

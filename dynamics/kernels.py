@@ -13,12 +13,19 @@ References, all numpy float64 in and out:
   `linear_rate_bound`        Du et al.'s bound (1 - lr lambda_0 / 2)^t ||y - u(0)||^2.
 Observables, pure JAX (jit- and vmap-safe, float32 unless the parameters are float64):
   `empirical_ntk_gram`       G_ij = <d f(x_i)/d theta, d f(x_j)/d theta>, optionally over chosen
-                             layers only; `gram_drift`, `gram_min_eig`.
+                             layers only; `gram_drift`, `gram_min_eig`;
+  `du_layer_grams`           the per-layer Grams of a `du_mlp` net without the Jacobian (one
+                             forward and backward pass: cheap at width 4096 and beyond).
+Recorded online (`dyn.Observable`s for `RunSpec.observables`):
+  `ntk_gram_observables`     the Gram matrix G(t) on a fixed probe set: lambda_min, lambda_max,
+                             ||G(t) - G(0)||_2 (G(0) from the run's initial parameters), that over
+                             ||G(0)||_2, and the distance to a reference such as `limit_ntk`.
 Model: `du_mlp`, Du et al.'s fully connected net or ResNet in their exact parameterization.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 
@@ -493,3 +500,173 @@ def least_norm_solution(A, y, rcond: float | None = None) -> np.ndarray:
     coeff = Um.T @ y
     coeff = inv * coeff if y.ndim == 1 else inv[:, None] * coeff
     return Vt.T @ coeff
+
+
+# --------------------------------------------------------------------------- Gram observables
+
+
+@functools.cache
+def _c_sigma_cached(activation: str) -> float:
+    return c_sigma(activation)
+
+
+def du_layer_grams(
+    params: Params, x, *, activation: str = "softplus", arch: str = "mlp", c_res: float = 1.0
+) -> jax.Array:
+    """Per-layer NTK Gram matrices of a `du_mlp` network, shape (H + 1, N, N), without the
+    Jacobian: entry k is G^(k+1)_ij = <du(x_i)/dW_k, du(x_j)/dW_k> for params[k] = {"w": W_k}
+    (k = H: the output weights a).
+
+    Every layer is linear in its weight, z_k = h_{k-1} W_k^T (h_0 = x, h_H the last hidden
+    layer), so du(x_i)/dW_k = delta_{k,i} h_{k-1,i}^T with delta_{k,i} = du(x_i)/dz_{k,i} and
+      G^(k)_ij = <delta_{k,i}, delta_{k,j}> <h_{k-1,i}, h_{k-1,j}>;
+    the deltas come from one reverse pass through additive taps on the pre-activations (u(x_i)
+    depends on example i alone), so the cost is one forward and backward pass on the N probe
+    inputs plus O(N^2 m) per layer, where `empirical_ntk_gram` holds the (N, P) Jacobian (P =
+    2 m^2 + ... parameters: 2.7 GB at N = 20, m = 4096, H = 3). The sum over k is the full
+    empirical NTK; entry H - 1 is Du et al.'s G^(H), whose m -> infinity limit is `limit_ntk`.
+    activation, arch, c_res: those of the `du_mlp` that made params (width and depth are read
+    from params). Pure, jit- and vmap-safe; equal to `empirical_ntk_gram(..., wrt=(k,))`.
+    """
+    _check("activation", activation, KERNEL_ACTIVATIONS)
+    _check("arch", arch, ARCHS)
+    depth = len(params) - 1
+    width = params[0]["w"].shape[0]
+    act = _JAX_ACT[activation]
+    scale = math.sqrt(_c_sigma_cached(activation) / width)
+    res = float(c_res) / (depth * math.sqrt(width))
+    h0 = jnp.reshape(x, (x.shape[0], -1)).astype(params[0]["w"].dtype)
+    dot = functools.partial(jnp.matmul, precision=lax.Precision.HIGHEST)
+
+    def forward(taps):
+        inputs, h = [], h0
+        for k, p in enumerate(params):
+            inputs.append(h)
+            z = dot(h, p["w"].T) + taps[k]
+            if k == depth:
+                return jnp.sum(z), inputs
+            if k == 0 or arch == "mlp":
+                h = scale * act(z)
+            else:
+                h = h + res * act(z)
+        raise AssertionError("unreachable")
+
+    taps = [jnp.zeros((h0.shape[0], p["w"].shape[0]), h0.dtype) for p in params]
+    deltas, inputs = jax.grad(forward, has_aux=True)(taps)
+    grams = [dot(d, d.T) * dot(h, h.T) for d, h in zip(deltas, inputs, strict=True)]
+    return lax.stop_gradient(jnp.stack(grams))
+
+
+GRAM_STATS = ("min_eig", "max_eig", "drift", "rel_drift", "ref_dev")
+
+
+def ntk_gram_observables(
+    probe,
+    model: Model | None = None,
+    *,
+    layer_grams: Callable | None = None,
+    wrt: Sequence[int] | None = None,
+    prefix: str = "ntk",
+    stats: Sequence[str] = ("min_eig", "drift", "rel_drift"),
+    reference=None,
+    n_probe: int | None = None,
+    costly: bool = False,
+) -> tuple:
+    """Observables of the empirical NTK Gram matrix G(t) on a fixed probe set, recorded online.
+
+    G(t) = sum_{k in wrt} G^(k)(t), G^(k)_ij = <d f(x_i)/d theta_k, d f(x_j)/d theta_k> over the
+    weight layers k (`wrt`: layer indices, negative allowed; None: every layer, the full NTK; Du
+    et al.'s G^(H) of a `du_mlp` is wrt=(H - 1,)), x_i the probe inputs: a RunData field name
+    ("x_train", "x_eval", "x_test"; the first n_probe rows) or fixed inputs (n, ...). One
+    observable `{prefix}_{stat}` per stat of `stats`, each a scalar:
+      min_eig    lambda_min(G(t));            max_eig    lambda_max(G(t));
+      drift      ||G(t) - G(0)||_2;           rel_drift  ||G(t) - G(0)||_2 / ||G(0)||_2;
+      ref_dev    ||G(t) - R||_2 / ||R||_2 against a fixed `reference` matrix R (n, n), e.g. the
+                 limit kernel `limit_ntk` of the probe inputs (needs reference).
+    G(0) is the Gram matrix of the run's initial parameters (`RecordContext.init_params`,
+    recomputed from the run's key as `relative_distance` and `flipped_patterns` do: nothing is
+    carried). The Gram matrices come from `layer_grams(params, x) -> (L, n, n)` per-layer Grams
+    (e.g. `functools.partial(du_layer_grams, activation=...)`: no Jacobian) or, without it, from
+    `empirical_ntk_gram(model.apply, ...)` (J J^T by reverse mode, memory n * P). The observables
+    of one call share one computation of G(t) and G(0) per record. Spectral norms and
+    eigenvalues in the run's precision (float32 by default).
+    """
+    stats = tuple(stats)
+    if not stats:
+        raise ValueError("stats: at least one of " + ", ".join(GRAM_STATS))
+    for s in stats:
+        _check("stats", s, GRAM_STATS)
+    if layer_grams is None and model is None:
+        raise ValueError("model or layer_grams: one is needed to compute the Gram matrix")
+    if layer_grams is not None and not callable(layer_grams):
+        raise ValueError(
+            f"layer_grams: expected a function (params, x) -> (L, n, n), got {layer_grams!r}"
+        )
+    ref = None
+    if "ref_dev" in stats:
+        if reference is None:
+            raise ValueError("reference: the stat 'ref_dev' needs a reference matrix")
+        ref = np.asarray(reference, np.float64)
+        if ref.ndim != 2 or ref.shape[0] != ref.shape[1]:
+            raise ValueError(f"reference: expected a square matrix, got shape {ref.shape}")
+    from dynamics.representations import _probe_fn  # representations imports recording
+
+    get = _probe_fn(probe, n_probe)
+    layers = None if wrt is None else tuple(int(k) for k in wrt)
+
+    def gram(params, x):
+        n_layers = len(params)
+        idx = tuple(range(n_layers)) if layers is None else layers
+        idx = tuple(k + n_layers if k < 0 else k for k in idx)
+        if not idx or any(k < 0 or k >= n_layers for k in idx) or len(set(idx)) != len(idx):
+            raise ValueError(f"wrt: must be distinct layer indices of {n_layers} layers: {layers}")
+        if layer_grams is not None:
+            g = layer_grams(params, x)
+            return jnp.sum(g[jnp.asarray(idx)], axis=0)
+        return empirical_ntk_gram(model.apply, params, x, idx)
+
+    # the observables of one call run on the same RecordContext object within one record (one
+    # trace): the first computes G(t) and G(0), the others reuse them
+    cache: dict = {}
+
+    def compute(ctx):
+        hit = cache.get("ctx")
+        if hit is not None and hit[0] is ctx:
+            return hit[1]
+        x = get(ctx)
+        G = gram(ctx.params, x)
+        out = {}
+        if "min_eig" in stats or "max_eig" in stats:
+            ev = jnp.linalg.eigvalsh(0.5 * (G + G.T))
+            out["min_eig"], out["max_eig"] = ev[0], ev[-1]
+        if "drift" in stats or "rel_drift" in stats:
+            G0 = gram(ctx.init_params(), x)
+            d = jnp.linalg.norm(G - G0, ord=2)
+            out["drift"], out["rel_drift"] = d, d / jnp.linalg.norm(G0, ord=2)
+        if ref is not None:
+            R = jnp.asarray(ref, G.dtype)
+            out["ref_dev"] = jnp.linalg.norm(G - R, ord=2) / jnp.linalg.norm(R, ord=2)
+        out = {k: lax.stop_gradient(v) for k, v in out.items()}
+        cache["ctx"] = (ctx, out)
+        return out
+
+    docs = {
+        "min_eig": "smallest eigenvalue of the NTK Gram matrix on the probe set",
+        "max_eig": "largest eigenvalue of the NTK Gram matrix on the probe set",
+        "drift": "||G(t) - G(0)||_2 of the NTK Gram matrix on the probe set",
+        "rel_drift": "||G(t) - G(0)||_2 / ||G(0)||_2 of the NTK Gram matrix on the probe set",
+        "ref_dev": "||G(t) - R||_2 / ||R||_2, R a fixed reference (the limit kernel)",
+    }
+    where = "all layers" if layers is None else f"layers {list(layers)}"
+    from dynamics.recording import Observable
+
+    return tuple(
+        Observable(
+            f"{prefix}_{s}",
+            functools.partial(lambda ctx, s: compute(ctx)[s], s=s),
+            dims=(),
+            costly=costly,
+            doc=f"{docs[s]} ({where})",
+        )
+        for s in stats
+    )

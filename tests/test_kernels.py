@@ -324,3 +324,124 @@ def test_least_norm_solution():
     )
     with pytest.raises(ValueError, match="A must be"):
         K.least_norm_solution(A, y[:5])
+
+
+# --------------------------------------------------------------------------- Gram observables
+
+
+@pytest.mark.parametrize("arch,activation", [("mlp", "softplus"), ("resnet", "tanh")])
+def test_du_layer_grams_match_the_jacobian(arch, activation):
+    x = _sphere(7, 4, 3)
+    model = K.du_mlp(4, 24, 3, activation=activation, arch=arch, c_res=0.7)
+    params = model.init(jax.random.key(2))
+    g = np.asarray(
+        K.du_layer_grams(
+            params, jnp.asarray(x, jnp.float32), activation=activation, arch=arch, c_res=0.7
+        ),
+        np.float64,
+    )
+    assert g.shape == (4, 7, 7)
+    for k in range(4):
+        np.testing.assert_allclose(g[k], _np_gram(model, params, x, (k,)), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(g.sum(0), _np_gram(model, params, x, None), rtol=1e-5, atol=1e-6)
+    # vmap over stacked params (a sweep's runs) gives each run's Grams
+    stacked = jax.tree.map(lambda *a: jnp.stack(a), params, model.init(jax.random.key(3)))
+    gv = jax.vmap(
+        lambda p: K.du_layer_grams(
+            p, jnp.asarray(x, jnp.float32), activation=activation, arch=arch, c_res=0.7
+        )
+    )(stacked)
+    np.testing.assert_allclose(np.asarray(gv[0]), g, rtol=1e-6, atol=1e-7)
+
+
+def _gram_ctx(params, init, data):
+    from dynamics.recording import RecordContext
+
+    return RecordContext(params, (), None, data, None, 0, None, lambda: init)
+
+
+def test_ntk_gram_observables_equal_hand_computed_values():
+    x = _sphere(9, 5, 1)
+    model = K.du_mlp(5, 32, 2)
+    p0, p1 = model.init(jax.random.key(0)), model.init(jax.random.key(1))
+    data = dyn_data(x)
+    R = K.limit_ntk(x, 2, "softplus")
+    stats = ("min_eig", "max_eig", "drift", "rel_drift", "ref_dev")
+    grams = functools.partial(K.du_layer_grams, activation="softplus")
+    for wrt in ((1,), None):
+        by_jac = K.ntk_gram_observables("x_train", model, wrt=wrt, stats=stats, reference=R)
+        by_layers = K.ntk_gram_observables(
+            "x_train", layer_grams=grams, wrt=wrt, stats=stats, reference=R, prefix="g"
+        )
+        assert [o.name for o in by_layers] == [f"g_{s}" for s in stats]
+        G, G0 = _np_gram(model, p1, x, wrt), _np_gram(model, p0, x, wrt)
+        ev = np.linalg.eigvalsh(G)
+        want = dict(
+            min_eig=ev[0],
+            max_eig=ev[-1],
+            drift=np.linalg.norm(G - G0, 2),
+            rel_drift=np.linalg.norm(G - G0, 2) / np.linalg.norm(G0, 2),
+            ref_dev=np.linalg.norm(G - R, 2) / np.linalg.norm(R, 2),
+        )
+        for obs in (by_jac, by_layers):
+            ctx = _gram_ctx(p1, p0, data)
+            got = {s: float(o.fn(ctx)) for s, o in zip(stats, obs, strict=True)}
+            for s in stats:
+                assert got[s] == pytest.approx(want[s], rel=2e-4, abs=1e-6), (wrt, s)
+            # at initialization (params = init params) the drift is zero
+            assert float(obs[2].fn(_gram_ctx(p0, p0, data))) == pytest.approx(0.0, abs=1e-5)
+
+
+def dyn_data(x):
+    from dynamics.train import RunData
+
+    xj = jnp.asarray(x, jnp.float32)
+    y = jnp.zeros((x.shape[0],), jnp.float32)
+    return RunData(xj, y, xj, y, xj[:0], y[:0])
+
+
+def test_ntk_gram_observables_in_a_run_use_the_runs_initial_parameters():
+    import dynamics as dyn
+
+    x = _sphere(10, 5, 4)
+    y = np.where(np.arange(10) % 2, 1.0, -1.0)
+    data = dyn.Dataset(
+        x.astype(np.float32), y.astype(np.float32), x[:0].astype(np.float32), y[:0], 0, "s"
+    )
+    model = K.du_mlp(5, 48, 2)
+    grams = functools.partial(K.du_layer_grams, activation="softplus")
+    spec = dyn.RunSpec(
+        model=model,
+        data=data,
+        loss="square",
+        stepper=dyn.sgd,
+        steps=20,
+        record_every=10,
+        sampling="full",
+        eval_size=None,
+        observables=K.ntk_gram_observables(
+            "x_train", layer_grams=grams, wrt=(1,), prefix="gram", stats=("min_eig", "drift")
+        ),
+        keep_state=True,
+    )
+    tr = jax.device_get(jax.jit(dyn.make_run(spec))(dyn.Hparams(lr=0.2), jax.random.key(5)))
+    init = model.init(jax.random.split(jax.random.key(5))[0])  # make_run's init key
+    final = tr["final_state"].state.params
+    G0, G = _np_gram(model, init, x, (1,)), _np_gram(model, final, x, (1,))
+    assert tr["gram_drift"][0] == pytest.approx(0.0, abs=1e-6)
+    assert tr["gram_min_eig"][0] == pytest.approx(np.linalg.eigvalsh(G0)[0], rel=1e-3)
+    assert tr["gram_min_eig"][-1] == pytest.approx(np.linalg.eigvalsh(G)[0], rel=1e-3)
+    assert tr["gram_drift"][-1] == pytest.approx(np.linalg.norm(G - G0, 2), rel=1e-3)
+    assert tr["gram_drift"][-1] > 1e-3  # training moved the Gram matrix
+
+
+def test_ntk_gram_observables_reject_bad_arguments():
+    model = K.du_mlp(5, 8, 2)
+    with pytest.raises(ValueError, match="stats"):
+        K.ntk_gram_observables("x_train", model, stats=("trace",))
+    with pytest.raises(ValueError, match="reference"):
+        K.ntk_gram_observables("x_train", model, stats=("ref_dev",))
+    with pytest.raises(ValueError, match="model or layer_grams"):
+        K.ntk_gram_observables("x_train")
+    with pytest.raises(ValueError, match="probe"):
+        K.ntk_gram_observables("x_nowhere", model)

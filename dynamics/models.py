@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from dynamics import lapack as _lapack
 from dynamics import norms as _norms
 
 Params = list[dict[str, Any]]
@@ -190,6 +191,13 @@ def scale_weights(params: Params, s) -> Params:
     return out
 
 
+def _orthogonal(shape):
+    """key -> jax's orthogonal init of `shape` (a QR of a Gaussian matrix), drawn one key at a
+    time under vmap on several CPU devices: a batched QR there can deadlock the program (see
+    `dynamics.lapack`; seen as a runner that never returns with 8 seeds of 128 x 128 layers)."""
+    return _lapack.one_matrix_at_a_time(lambda key: jax.nn.initializers.orthogonal()(key, shape))
+
+
 def _sample(key, shape, fan_in, init, gain, scale):
     if init == "gaussian":
         return gain / math.sqrt(fan_in) * jax.random.normal(key, shape)
@@ -198,7 +206,7 @@ def _sample(key, shape, fan_in, init, gain, scale):
         return jax.random.uniform(key, shape, minval=-a, maxval=a)
     if init == "orthogonal":
         flat = (shape[0], math.prod(shape[1:]))
-        return gain * jax.nn.initializers.orthogonal()(key, flat).reshape(shape)
+        return gain * _orthogonal(flat)(key).reshape(shape)
     if init == "frobenius":
         g = jax.random.normal(key, shape)
         return scale * g / jnp.linalg.norm(g.ravel())

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
+from dynamics.lapack import one_matrix_at_a_time as _one_matrix_at_a_time
 from dynamics.models import layer_weights
 
 
@@ -97,34 +98,6 @@ def max_singular_values(params) -> int:
     """Length of the padded `sv` axis: max_k min(shape of the (out, in*k*k) reshape of W_k)."""
     shapes = jax.eval_shape(layer_weights, params)
     return max(min(s.shape) for s in shapes)
-
-
-def _serialize_lapack() -> bool:
-    """Whether batched LAPACK calls must be split into one call per matrix.
-
-    XLA's CPU LAPACK kernels spread a batch over the intra-op thread pool and block until it is
-    done. When several CPU devices execute at once (simulated devices), every pool thread can
-    end up blocked that way and the program deadlocks; one call per matrix never waits on the
-    pool. Decided when a program is traced.
-    """
-    return jax.default_backend() == "cpu" and jax.local_device_count() > 1
-
-
-def _one_matrix_at_a_time(fn):
-    """fn(matrix) that, under vmap on several CPU devices, loops over the batch (lax.map)
-    instead of making one batched LAPACK call (see `_serialize_lapack`)."""
-    f = jax.custom_batching.custom_vmap(fn)
-
-    @f.def_vmap
-    def rule(axis_size, in_batched, x):
-        (batched,) = in_batched
-        if not batched:
-            out = f(x)
-            return out, jax.tree.map(lambda _: False, out)
-        out = jax.vmap(fn)(x) if not _serialize_lapack() else jax.lax.map(f, x)
-        return out, jax.tree.map(lambda _: True, out)
-
-    return f
 
 
 @_one_matrix_at_a_time

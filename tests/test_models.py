@@ -343,3 +343,53 @@ def test_scale_weights(weight_param):
     scaled = models.scale_weights(params, -1.5)
     for a, b in zip(models.layer_weights(params), models.layer_weights(scaled), strict=True):
         np.testing.assert_allclose(b, -1.5 * a, rtol=1e-5, atol=1e-7)
+
+
+def test_orthogonal_init_is_jaxs_and_vmaps_to_the_same_draws():
+    """The orthogonal sampler is jax's (`jax.nn.initializers.orthogonal`) key by key, and a vmap
+    over keys gives each key's own draw (one QR per key on several CPU devices, a batched one
+    elsewhere: `dynamics.lapack`)."""
+    sample = models._orthogonal((16, 12))
+    keys = jax.random.split(KEY, 3)
+    batched = jax.vmap(sample)(keys)
+    for i, k in enumerate(keys):
+        ref = jax.nn.initializers.orthogonal()(k, (16, 12))
+        np.testing.assert_allclose(sample(k), ref, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(batched[i], ref, rtol=1e-5, atol=1e-6)
+    model = models.mlp((12, 16, 4), init="orthogonal", gain=1.0)
+    params = jax.vmap(model.init)(keys)
+    for i, k in enumerate(keys):
+        np.testing.assert_allclose(params[1]["w"][i], model.init(k)[1]["w"], rtol=1e-5, atol=1e-6)
+
+
+_HANG_SCRIPT = """
+from sweeps import runner
+runner.configure_jax(2)
+import jax
+import dynamics as dyn
+from sweeps import Sweep
+from sweeps.spec import build_specs, resolve
+
+def build(width):
+    return dyn.RunSpec(model=dyn.mlp((64, width, width, 10), init="orthogonal"),
+                       data=dyn.data.digits(seed=0, normalize="standard"), loss="cross_entropy",
+                       steps=4, record_every=2, batch=32, observables=("loss",))
+
+sweep = Sweep(name="orth", description="orthogonal init on several devices", build=build,
+              settings=dict(width=128), grid=dict(seed=list(range(8)), lr=[0.1]), static={})
+res = resolve(sweep, [])
+runner.execute(res, build_specs(res), OUT, progress=False)
+print("devices", jax.local_device_count())
+"""
+
+
+def test_orthogonal_init_does_not_hang_a_sweep_on_several_cpu_devices(tmp_path):
+    """8 seeds of 128 x 128 orthogonal layers on two simulated CPU devices: a batched QR there
+    deadlocked the program (the runner never returned); in a subprocess with a time limit."""
+    import subprocess
+    import sys
+
+    script = _HANG_SCRIPT.replace("OUT", repr(str(tmp_path / "orth.zarr")))
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "devices 2" in r.stdout

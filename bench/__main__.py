@@ -81,6 +81,11 @@ def _parse(argv):
     p.add_argument(
         "--repeat", type=int, default=4, help="timed rounds of every variant (best is kept)"
     )
+    p.add_argument(
+        "--readme",
+        action="store_true",
+        help="also keep the measured parts in docs/bench.json and rewrite the README's table",
+    )
     args = p.parse_args(argv)
     if args.scale < 1:
         p.error("--scale must be at least 1")
@@ -876,7 +881,107 @@ def main(argv=None) -> int:
     if "depth_compile" in report:
         _print_depth_table(report["depth_compile"])
     print(f"[bench] wrote {path}")
+    if args.readme:
+        saved = save_figures(report, ROOT / "docs" / "bench.json")
+        update_readme(ROOT / "README.md", readme_table(saved))
+        print("[bench] kept the figures in docs/bench.json and rewrote the README's table")
     return 0
+
+
+# --------------------------------------------------------------------------- README table
+
+PARTS = ("dense", "conv", "depth")
+
+
+def _part_figures(report: dict, part: str) -> dict | None:
+    """The figures of one measured part of a report, with where and when (None: not measured)."""
+    meta = {
+        "date": time.strftime("%Y-%m-%d"),
+        "device": report.get("device"),
+        "git_commit": report.get("git_commit"),
+    }
+    if part == "dense" and "vectorized" in report:
+        return dict(
+            meta,
+            runs=report["runs"],
+            fraction_of_peak=report["flops"]["fraction_of_peak"],
+            vectorized_vs_loop=report.get("vectorized_vs_loop"),
+            observables_overhead=report["observables_overhead"],
+        )
+    if part == "conv" and "conv" in report:
+        c = report["conv"]
+        return dict(
+            meta,
+            runs=c["runs"],
+            fraction_of_peak=c["fraction_of_peak"],
+            vectorized_vs_loop=c.get("vectorized_over_loop"),
+            observables_overhead=c["observables_overhead"],
+        )
+    if part == "depth" and "depth_compile" in report:
+        return dict(meta, ratios=report["depth_compile"])
+    return None
+
+
+def save_figures(report: dict, path: Path) -> dict:
+    """docs/bench.json: per part (dense, conv, depth) the figures of the latest run that
+    measured it (a run of one part keeps the others' earlier figures). Returns what is saved."""
+    saved = json.loads(path.read_text()) if path.exists() else {}
+    for part in PARTS:
+        fig = _part_figures(report, part)
+        if fig is not None:
+            saved[part] = fig
+    path.write_text(json.dumps(saved, indent=2, default=float) + "\n")
+    return saved
+
+
+def _ratio(x) -> str:
+    return "not measured" if x is None else f"{x:.2f}x"
+
+
+def readme_table(saved: dict) -> str:
+    """The README's performance table from docs/bench.json's figures, each beside its target."""
+    rows = ["| grid | figure | measured | target | when, where |", "|---|---|---|---|---|"]
+
+    def where(fig):
+        dev = fig.get("device") or {}
+        return f"{fig['date']}, {dev.get('count', '?')} x {dev.get('kind', '?')}"
+
+    for part, name, peak_target in (("dense", "dense MLP", 0.50), ("conv", "4-layer CNN", 0.40)):
+        fig = saved.get(part)
+        if fig is None:
+            continue
+        label = f"{name} ({fig['runs']} runs)"
+        loop_target = "-" if part == "dense" else ">= 1.5x"
+        obs_target = "<= 1.10x" if part == "dense" else "<= 1.15x"
+        rows += [
+            f"| {label} | useful FLOP/s / matmul peak | {100 * fig['fraction_of_peak']:.0f}% "
+            f"| >= {100 * peak_target:.0f}% | {where(fig)} |",
+            f"| {label} | vectorized / loop of single runs | "
+            f"{_ratio(fig['vectorized_vs_loop'])} | {loop_target} | {where(fig)} |",
+            f"| {label} | with observables / loss only | "
+            f"{_ratio(fig['observables_overhead'])} | {obs_target} | {where(fig)} |",
+        ]
+    fig = saved.get("depth")
+    if fig is not None:
+        for model, rows_ in fig["ratios"].items():
+            for how, row in rows_.items():
+                target = "<= 1.5x" if how == "scan" else "-"
+                rows.append(
+                    f"| depth 10 -> 100, {model}, {how} | compile time ratio | "
+                    f"{row['ratio']:.2f}x | {target} | {where(fig)} |"
+                )
+    return "\n".join(rows)
+
+
+def update_readme(path: Path, table: str) -> None:
+    """Replace what lies between the README's `<!-- bench -->` markers by `table`."""
+    text = path.read_text()
+    start, end = "<!-- bench -->", "<!-- /bench -->"
+    if text.count(start) != 1 or text.count(end) != 1:
+        raise ValueError(f"{path}: expected one {start} ... {end} section")
+    head, rest = text.split(start)
+    _, tail = rest.split(end)
+    path.write_text(f"{head}{start}\n{table}\n{end}{tail}")
 
 
 def _print_table(r: dict) -> None:

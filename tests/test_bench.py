@@ -28,3 +28,36 @@ def test_interleaved_takes_parts_in_turn_and_keeps_each_parts_best():
     assert rounds == {"sweep": [8.0, 7.0, 6.0], "peak": [0.5, 0.25, 0.75]}
     # round by round, part i of every timer before part i + 1 of any
     assert log == ["s0", "p", "s1"] * 3
+
+
+def test_readme_table_keeps_each_parts_latest_figures(tmp_path):
+    """`--readme`: a run of one part keeps the other parts' earlier figures, and the README's
+    section is the table of what is saved, each figure beside its target."""
+    from bench.__main__ import readme_table, save_figures, update_readme
+
+    dev = {"kind": "cpu", "platform": "cpu", "count": 2}
+    conv = {
+        "device": dev,
+        "conv": {
+            "runs": 256,
+            "fraction_of_peak": 0.27,
+            "vectorized_over_loop": 1.64,
+            "observables_overhead": 1.02,
+        },
+    }
+    depth = {
+        "device": dev,
+        "depth_compile": {"mlp": {"scan": {"10": 1.0, "100": 3.5, "ratio": 3.5}}},
+    }
+    store = tmp_path / "bench.json"
+    save_figures(conv, store)
+    saved = save_figures(depth, store)
+    assert set(saved) == {"conv", "depth"}
+    table = readme_table(saved)
+    assert "| 4-layer CNN (256 runs) | useful FLOP/s / matmul peak | 27% | >= 40% |" in table
+    assert "| 1.64x | >= 1.5x |" in table and "| 1.02x | <= 1.15x |" in table
+    assert "| depth 10 -> 100, mlp, scan | compile time ratio | 3.50x | <= 1.5x |" in table
+    readme = tmp_path / "README.md"
+    readme.write_text("a\n<!-- bench -->\nold\n<!-- /bench -->\nb\n")
+    update_readme(readme, table)
+    assert readme.read_text() == f"a\n<!-- bench -->\n{table}\n<!-- /bench -->\nb\n"

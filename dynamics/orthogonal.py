@@ -46,7 +46,9 @@ def _haar_columns(key, n: int, k: int) -> jax.Array:
     i.i.d. N(0, 1) matrix with R's diagonal positive, by Gram-Schmidt with reorthogonalization
     (each column projected out twice), float32. Pure jnp (matmuls in a `lax.fori_loop`), no LAPACK
     call: `jax.nn.initializers.orthogonal`'s QR inside a program sharded over several simulated
-    CPU devices hung the runner (seen from 64 x 64 up, never returning, at 4% CPU)."""
+    CPU devices hung the runner (seen from 64 x 64 up, never returning, at 4% CPU). The models'
+    `init="orthogonal"` keeps jax's QR and draws it one key at a time there instead
+    (`dynamics.models._orthogonal`); this sampler predates that fix and draws the P9 stores."""
     g = jax.random.normal(key, (n, k), jnp.float32)
 
     def column(j, q):

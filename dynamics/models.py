@@ -38,6 +38,7 @@ from jax import lax
 
 from dynamics import lapack as _lapack
 from dynamics import norms as _norms
+from dynamics import stacks as _stacks
 
 Params = list[dict[str, Any]]
 
@@ -89,7 +90,13 @@ class Model(NamedTuple):
     drawn from `key`) or eval mode (running statistics, no dropout), as PyTorch's `model.train()`
     / `model.eval()`. `apply` is the train-mode output without state. `stochastic`: the train-mode
     output depends on `key`. Use `models.forward` and `models.init_state`, which also accept
-    models without state.
+    models without state. `init_stacked(key) -> stacks.LayerList`: the same params as `init`
+    with runs of identical layers stacked, each run drawn as one vmapped call (None: the model
+    takes only lists); apply, apply_features and forward of such a model also take that form,
+    with which a uniform stack runs as a scan over its own arrays, and the runner keeps the
+    params stacked across steps. init_stacked carries the init it draws like (its `source`):
+    a model whose init is replaced (`model._replace(init=...)`) has its params packed from the
+    new init (`stacked_init`), never drawn by a stale init_stacked.
     """
 
     init: Callable[[jax.Array], Params]
@@ -99,6 +106,19 @@ class Model(NamedTuple):
     init_state: Callable[[jax.Array], Any] | None = None
     forward: Callable[..., Forward] | None = None
     stochastic: bool = False
+    init_stacked: Callable[[jax.Array], Any] | None = None
+
+
+def stacked_init(model: Model):
+    """key -> the model's initial params as a `stacks.LayerList`: `init_stacked` while it is
+    the one made with the model's `init` (its `source`), else `stacks.pack(init(key))`; None for
+    a model without init_stacked."""
+    f = model.init_stacked
+    if f is None:
+        return None
+    if getattr(f, "source", None) is model.init:
+        return f
+    return lambda key: _stacks.pack(model.init(key))
 
 
 def init_state(model: Model, key=None):
@@ -143,6 +163,8 @@ def layer_weight(p: dict) -> jax.Array:
 
 def check_params(params) -> None:
     """params must be a Model's: a list with one dict per weight layer (ValueError otherwise)."""
+    if isinstance(params, _stacks.LayerList):
+        return
     if isinstance(params, list | tuple) and all(isinstance(p, dict) for p in params):
         return
     if isinstance(params, dict):
@@ -176,6 +198,8 @@ def layer_weights(params: Params) -> list[jax.Array]:
 
 def scale_weights(params: Params, s) -> Params:
     """Multiply every layer's weight by s (so each ||W_k||_F is multiplied by |s|)."""
+    if isinstance(params, _stacks.LayerList):  # a stacked segment is layers of one structure
+        return _stacks.LayerList(scale_weights(list(params.segments), s), params.counts)
     out = []
     for p in params:
         q = dict(p)
@@ -437,6 +461,8 @@ def _run_layers(step, h, params, states, keys, scan: bool = True):
     scan=False unrolls every layer."""
     n = len(params)
     ss = [None] * n if states is None else list(states)
+    if isinstance(params, _stacks.LayerList):
+        return _run_stacked(step, h, params, ss, keys, scan, states is None)
     new: list = []
     i = 0
     while i < n:
@@ -467,7 +493,82 @@ def _run_layers(step, h, params, states, keys, scan: bool = True):
     return h, new
 
 
-def _model(init_fn, run, init_state_fn=None, dense=None) -> Model:
+def _run_stacked(step, h, params, ss, keys, scan, stateless):
+    """`_run_layers` over a `stacks.LayerList`: a segment's layers of equal keys and states
+    scan over the segment's own stacked arrays (a contiguous part of them: one slice per leaf),
+    so nothing is stacked or unstacked per layer; other layers run one by one."""
+    new: list = []
+    off = 0
+    for seg, count in params.runs():
+        i = 0
+        while i < count:
+            k = off + i
+            j = i + 1
+            if scan:
+                sig = (keys[k], _signature(None, None, ss[k]))
+                while j < count and (keys[off + j], _signature(None, None, ss[off + j])) == sig:
+                    j += 1
+            if j - i >= SCAN_MIN:
+                key = keys[k]
+                part = (
+                    seg if (i, j) == (0, count) else jax.tree.map(lambda a, i=i, j=j: a[i:j], seg)
+                )
+
+                def body(h, ps, key=key):
+                    return step(key, ps[0], ps[1], h)
+
+                try:
+                    h, s_new = lax.scan(body, h, (part, _stack(ss[off + i : off + j])))
+                except TypeError:  # the body changes h's type (a promotion): unroll
+                    j = i + 1
+                else:
+                    new.extend(_unstack(s_new, j - i) if s_new is not None else [None] * (j - i))
+                    i = j
+                    continue
+            for m in range(i, j):
+                p = jax.tree.map(lambda a, m=m: a[m], seg)
+                h, s = step(keys[off + m], p, ss[off + m], h)
+                new.append(s)
+            i = j
+        off += count
+    return h, new
+
+
+def _layer_inits(layers):
+    """(init, init_stacked) from `layers`: one (signature, make(key) -> layer dict) per layer,
+    layer k drawn from the k-th of len(layers) keys split from the model's key. Consecutive
+    layers of equal signatures (hashable: what fixes the layer's structure and shapes) are drawn
+    by init_stacked as one vmapped call over their keys: the same numbers as init's one by one."""
+    n = len(layers)
+
+    def init(key):
+        keys = jax.random.split(key, n)
+        return [make(keys[k]) for k, (_, make) in enumerate(layers)]
+
+    def init_stacked(key):
+        keys = jax.random.split(key, n)
+        segs, counts = [], []
+        i = 0
+        while i < n:
+            j = i + 1
+            while j < n and layers[j][0] == layers[i][0]:
+                j += 1
+            if j - i < _stacks.MIN_RUN:
+                j = i + 1
+            make = layers[i][1]
+            if j - i == 1:
+                segs.append(jax.tree.map(lambda a: a[None], make(keys[i])))
+            else:
+                segs.append(jax.vmap(make)(keys[i:j]))
+            counts.append(j - i)
+            i = j
+        return _stacks.LayerList(segs, counts)
+
+    init_stacked.source = init
+    return init, init_stacked
+
+
+def _model(init_fn, run, init_state_fn=None, dense=None, init_stacked=None) -> Model:
     """A Model from `run(params, state, x, mask, train) -> Forward` (state None: not tracked)."""
 
     def apply_features(params, x, mask=None):
@@ -484,6 +585,7 @@ def _model(init_fn, run, init_state_fn=None, dense=None) -> Model:
         dense,
         init_state_fn,
         fwd if init_state_fn is not None else None,
+        init_stacked=init_stacked,
     )
 
 
@@ -546,15 +648,16 @@ def mlp(
     n_layers = len(widths) - 1
     mults = [_multiplier(cfg, widths[i]) for i in range(n_layers)]
 
-    def init_fn(key):
-        keys = jax.random.split(key, n_layers)
-        params = []
-        for i in range(n_layers):
-            p = _new_layer(keys[i], (widths[i + 1], widths[i]), cfg, bias)
+    def make(i):
+        def layer(key):
+            p = _new_layer(key, (widths[i + 1], widths[i]), cfg, bias)
             if i < n_layers - 1:
                 p.update(_norm_params(widths[i + 1], nc))
-            params.append(p)
-        return params
+            return p
+
+        return (widths[i + 1], widths[i], i < n_layers - 1), layer
+
+    init_fn, init_stacked = _layer_inits([make(i) for i in range(n_layers)])
 
     def init_state_fn(key):
         return [_norm_state(widths[i + 1], nc) for i in range(n_layers - 1)] + [{}]
@@ -572,7 +675,7 @@ def mlp(
 
     plain = norm is None and weight_param == "plain"
     dense = Dense(widths, activation, bias, tuple(mults)) if plain else None
-    return _model(init_fn, run, init_state_fn if _stateful(nc) else None, dense)
+    return _model(init_fn, run, init_state_fn if _stateful(nc) else None, dense, init_stacked)
 
 
 def deep_linear(widths: Sequence[int], **kwargs) -> Model:
@@ -637,17 +740,21 @@ def linear_conv1d(
     c_head = _multiplier(cfg, channels)
     n_blocks = depth if head else depth - 1
 
-    def init_fn(key):
-        keys = jax.random.split(key, depth + (1 if head else 0))
-        params = []
-        for i in range(depth):
-            p = _new_layer(keys[i], (channels, channels, kernel), cfg, bias)
+    def make(i):
+        def layer(key):
+            p = _new_layer(key, (channels, channels, kernel), cfg, bias)
             if i < n_blocks:
                 p.update(_norm_params(channels, nc))
-            params.append(p)
-        if head:
-            params.append(_head_layer(keys[-1], channels, c_out, 1, cfg, head_bias))
-        return params
+            return p
+
+        return ("block", i < n_blocks), layer
+
+    def make_head():
+        return "head", lambda key: _head_layer(key, channels, c_out, 1, cfg, head_bias)
+
+    init_fn, init_stacked = _layer_inits(
+        [make(i) for i in range(depth)] + ([make_head()] if head else [])
+    )
 
     def run(params, state, x, mask, train):
         def block(c, p, s, h):
@@ -659,7 +766,7 @@ def linear_conv1d(
         y = _conv(params[-1], h, c_head, 1, padding)
         return Forward(jax.nn.sigmoid(y) if head == "sigmoid" else y, h, state)
 
-    return _model(init_fn, run)
+    return _model(init_fn, run, init_stacked=init_stacked)
 
 
 def deep_decoder(
@@ -715,16 +822,20 @@ def deep_decoder(
     c_mid = _multiplier(cfg, channels * kernel**dim)
     c_out = _multiplier(cfg, channels)
 
-    def init_fn(key):
-        keys = jax.random.split(key, depth + 1)
-        params = []
-        for i in range(depth):
-            cin = in_channels if i == 0 else channels
-            p = _new_layer(keys[i], (channels, cin) + ks, cfg, bias)
+    def make(i):
+        cin = in_channels if i == 0 else channels
+
+        def layer(key):
+            p = _new_layer(key, (channels, cin) + ks, cfg, bias)
             p.update(_norm_params(channels, nc))
-            params.append(p)
-        params.append(_head_layer(keys[-1], channels, out_channels, dim, cfg, head_bias))
-        return params
+            return p
+
+        return ("block", cin), layer
+
+    def make_head():
+        return "head", lambda key: _head_layer(key, channels, out_channels, dim, cfg, head_bias)
+
+    init_fn, init_stacked = _layer_inits([make(i) for i in range(depth)] + [make_head()])
 
     def init_state_fn(key):
         return [_norm_state(channels, nc) for _ in range(depth)] + [{}]
@@ -753,7 +864,7 @@ def deep_decoder(
         y = jax.nn.sigmoid(y) if output == "sigmoid" else y
         return Forward(y, h, None if state is None else new + [state[-1]])
 
-    return _model(init_fn, run, init_state_fn if _stateful(nc) else None)
+    return _model(init_fn, run, init_state_fn if _stateful(nc) else None, init_stacked=init_stacked)
 
 
 def cnn(
@@ -827,15 +938,18 @@ def cnn(
     n_feat = feat.shape[1]
     c_last = _multiplier(cfg, n_feat)
 
-    def init_fn(key):
-        keys = jax.random.split(key, len(channels) + 1)
-        params = []
-        for i in range(len(channels)):
-            p = _new_layer(keys[i], (chans[i + 1], chans[i]) + ks, cfg, bias)
+    def make(i):
+        def layer(key):
+            p = _new_layer(key, (chans[i + 1], chans[i]) + ks, cfg, bias)
             p.update(_norm_params(chans[i + 1], nc))
-            params.append(p)
-        params.append(_new_layer(keys[-1], (num_outputs, n_feat), cfg, bias))
-        return params
+            return p
+
+        return ("block", chans[i + 1], chans[i]), layer
+
+    def make_head():
+        return "head", lambda key: _new_layer(key, (num_outputs, n_feat), cfg, bias)
+
+    init_fn, init_stacked = _layer_inits([make(i) for i in range(len(channels))] + [make_head()])
 
     def init_state_fn(key):
         return [_norm_state(chans[i + 1], nc) for i in range(len(channels))] + [{}]
@@ -845,7 +959,7 @@ def cnn(
         y = _dense(params[-1], h, c_last)
         return Forward(y, h, None if state is None else new + [state[-1]])
 
-    return _model(init_fn, run, init_state_fn if _stateful(nc) else None)
+    return _model(init_fn, run, init_state_fn if _stateful(nc) else None, init_stacked=init_stacked)
 
 
 def resnet_one_neuron(

@@ -18,8 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
+from dynamics import stacks as _stacks
 from dynamics.lapack import one_matrix_at_a_time as _one_matrix_at_a_time
-from dynamics.models import layer_weights
+from dynamics.models import check_params as _check_params
+from dynamics.models import layer_weight, layer_weights
 
 
 def _stop(x):
@@ -48,7 +50,8 @@ def _sq(tree) -> jax.Array:
 @_no_grad
 def layer_norms(params) -> jax.Array:
     """||W_k||_F for every layer k (conv kernels: the kernel's Frobenius norm). Shape (L,)."""
-    return jnp.stack([jnp.sqrt(jnp.sum(w**2)) for w in layer_weights(params)])
+    _check_params(params)
+    return _per_layer(lambda p: jnp.sqrt(jnp.sum(layer_weight(p) ** 2)), params)
 
 
 @_no_grad
@@ -222,7 +225,7 @@ def balancedness(params) -> jax.Array:
 
 
 def _per_layer(fn, *trees):
-    return jnp.stack([fn(*layers) for layers in zip(*trees, strict=True)])
+    return _stacks.per_layer(fn, *trees)
 
 
 @_no_grad
@@ -259,7 +262,11 @@ def adjacent_parts(prev, grads):
     from dynamics import native
 
     leaves = jax.tree.leaves(grads)
-    if not native.available() or any(x.dtype != jnp.float32 for x in leaves):
+    if (
+        not native.available()
+        or any(x.dtype != jnp.float32 for x in leaves)
+        or isinstance(grads, _stacks.LayerList)  # per-layer parts of stacked leaves: XLA's
+    ):
         return xla(prev, grads)  # the kernel is float32's
 
     def kernel(prev, grads):
@@ -304,15 +311,11 @@ def grad_cosines(g_prev, g) -> tuple[jax.Array, jax.Array]:
 @_no_grad
 def update_sizes(old_params, new_params, lr) -> jax.Array:
     """ "dist" of Galanti et al.: ||W_{t+1} - W_t||_F / lr for every layer. Shape (L,)."""
-    return (
-        jnp.stack(
-            [
-                jnp.sqrt(jnp.sum((b - a) ** 2))
-                for a, b in zip(layer_weights(old_params), layer_weights(new_params), strict=True)
-            ]
-        )
-        / lr
-    )
+
+    def one(a, b):
+        return jnp.sqrt(jnp.sum((layer_weight(b) - layer_weight(a)) ** 2))
+
+    return _per_layer(one, old_params, new_params) / lr
 
 
 # --------------------------------------------------------------------------- outputs

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from dynamics import stacks as _stacks
 from dynamics.data import Dataset
 from dynamics.models import Dense, Model
 from dynamics.schedules import Schedule
@@ -109,17 +110,22 @@ def hu_linear(d_x: int, width: int, depth: int, d_y: int, *, init: str = "orthog
     mults = (hidden,) * (depth - 1) + (out_scale,)
     sample = semi_orthogonal if init == "orthogonal" else (lambda k, s: jax.random.normal(k, s))
 
-    def init_fn(key):
+    def init_stacked(key):
         keys = jax.random.split(key, depth)
         if depth <= 2:
-            return [{"w": sample(k, s)} for k, s in zip(keys, shapes, strict=True)]
+            layers = [{"w": sample(k, s)[None]} for k, s in zip(keys, shapes, strict=True)]
+            return _stacks.LayerList(layers, (1,) * depth)
         # the middle layers as one vmapped draw: the init program does not grow with depth
         middle = jax.vmap(lambda k: sample(k, (width, width)))(keys[1:-1])
-        return (
-            [{"w": sample(keys[0], shapes[0])}]
-            + [{"w": w} for w in middle]
-            + [{"w": sample(keys[-1], shapes[-1])}]
+        first, last = sample(keys[0], shapes[0]), sample(keys[-1], shapes[-1])
+        return _stacks.LayerList(
+            [{"w": first[None]}, {"w": middle}, {"w": last[None]}], (1, depth - 2, 1)
         )
+
+    def init_fn(key):
+        return _stacks.unpack(init_stacked(key))
+
+    init_stacked.source = init_fn
 
     def apply(params, x, mask=None):
         if len(params) != depth:
@@ -131,7 +137,11 @@ def hu_linear(d_x: int, width: int, depth: int, d_y: int, *, init: str = "orthog
             return out_scale * (h @ params[0]["w"].T)
         h = hidden * (h @ params[0]["w"].T)
         if depth > 2:
-            stack = jnp.stack([p["w"] for p in params[1:-1]])
+            mid = params[1:-1]
+            if isinstance(mid, _stacks.LayerList) and len(mid.counts) == 1:
+                stack = mid.segments[0]["w"]  # already stacked: nothing to stack per step
+            else:
+                stack = jnp.stack([p["w"] for p in mid])
 
             def layer(h, w):
                 return hidden * (h @ w.T), None
@@ -145,6 +155,7 @@ def hu_linear(d_x: int, width: int, depth: int, d_y: int, *, init: str = "orthog
         apply,
         lambda params, x, mask=None: (apply(params, x, mask), None),
         Dense(widths, "linear", False, mults),
+        init_stacked=init_stacked,
     )
 
 

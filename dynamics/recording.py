@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from dynamics import losses as _losses
 from dynamics import models as _models
 from dynamics import observables as obs
+from dynamics import stacks as _stacks
 from dynamics.steps import Batch
 
 
@@ -268,11 +269,12 @@ def layer_key(p: dict) -> str | None:
 
 def weight_sq_norms(grads) -> jax.Array:
     """Per-layer ||dL/dW_k||^2 of the weight entry only (biases, norm parameters excluded)."""
-    out = []
-    for g in grads:
+
+    def one(g):
         k = layer_key(g) if isinstance(g, dict) else None
-        out.append(jnp.zeros(()) if k is None else jnp.sum(jnp.square(g[k])))
-    return jnp.stack(out)
+        return jnp.zeros(()) if k is None else jnp.sum(jnp.square(g[k]))
+
+    return _stacks.per_layer(one, grads)
 
 
 def record_dtype(spec):
@@ -297,21 +299,32 @@ def make_state_observer(
         f = _models.forward(model, params, model_state, x, None, train=train)
         return f.y, f.h
 
+    def w_needs_list(which) -> bool:
+        # every observable but these reads the list of layers (these take either form)
+        takes_stacked = EVAL_NAMES - set(obs.NC_NAMES) - set(ALIASES["margins"])
+        takes_stacked |= {"test_loss", "test_accuracy", "rho", "layer_norm"}
+        return not set(which) <= takes_stacked
+
     def observe(params, model_state, hp, data, key, step, which, init_params=None) -> dict:
         if not which:
             return {}
         params = jax.tree.map(jax.lax.stop_gradient, params)
         model_state = jax.tree.map(jax.lax.stop_gradient, model_state)
+        # params may be a stacks.LayerList (the run's layout): the forward passes and the
+        # per-layer norms take it as it is, the other observables its list of layers
+        packed = params
+        if isinstance(packed, _stacks.LayerList) and w_needs_list(which):
+            params = _stacks.unpack(packed)
         w = set(which)
         out: dict[str, jax.Array] = {}
         if w & EVAL_NAMES:
-            pred, h = predict(params, model_state, data.x_eval)
+            pred, h = predict(packed, model_state, data.x_eval)
             out["loss"] = loss(pred, data.y_eval)
             out["accuracy"] = _losses.accuracy(pred, data.y_eval)
             if w & set(obs.NC_NAMES):
                 out.update(
                     obs.neural_collapse(
-                        h, data.y_eval, _models.layer_weights(params)[-1], pred, num_classes
+                        h, data.y_eval, _models.layer_weights(params[-1:])[0], pred, num_classes
                     )
                 )
             if w & set(ALIASES["margins"]):
@@ -319,11 +332,11 @@ def make_state_observer(
                 m = obs.margins(pred, data.y_eval, r)
                 out.update(margin_mean=jnp.mean(m), margin_std=jnp.std(m), margin_min=jnp.min(m))
         if w & {"test_loss", "test_accuracy"}:
-            pred, _ = predict(params, model_state, data.x_test)
+            pred, _ = predict(packed, model_state, data.x_test)
             out["test_loss"] = loss(pred, data.y_test)
             out["test_accuracy"] = _losses.accuracy(pred, data.y_test)
         if w & {"rho", "layer_norm"}:
-            norms = obs.layer_norms(params)
+            norms = obs.layer_norms(packed)
             out.update(rho=jnp.prod(norms), layer_norm=norms)
         if "rho_eff" in w:
             out["rho_eff"] = obs.rho_eff(params, model_state)

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import optax
 
 from dynamics import norms as _norms
+from dynamics import stacks as _stacks
 
 
 class Hparams(NamedTuple):
@@ -236,6 +237,9 @@ def layer_multipliers(spec, params, name: str = "lr_scale", default: float = 1.0
     params: a list of layer dicts. Each factor comes back shaped to broadcast against its leaf
     ((out, 1, ...) for a per-row one). A spec that cannot fit raises ValueError naming `name`.
     """
+    if isinstance(params, _stacks.LayerList):  # each layer's factors, stacked as the params
+        flat = layer_multipliers(spec, _stacks.unpack(params), name, default)
+        return _stacks.like_factors(params, flat)
     if not isinstance(params, (list, tuple)) or not all(isinstance(p, dict) for p in params):
         raise ValueError(f"{name}: needs params as a list of layer dicts")
     L = len(params)
@@ -499,7 +503,11 @@ def _is_lagrange(p) -> bool:
 
 
 def _map_layers(fn, *trees):
-    """Apply fn(layer_dicts...) to every layer of list-of-dict params (pytrees otherwise leafwise)."""
+    """Apply fn(layer_dicts...) to every layer of list-of-dict params (a `stacks.LayerList`:
+    vmapped over each segment, the result in its layout)."""
+    if isinstance(trees[0], _stacks.LayerList):
+        segs = zip(*(t.segments for t in trees), strict=True)
+        return _stacks.LayerList([jax.vmap(fn)(*s) for s in segs], trees[0].counts)
     return [fn(*layers) for layers in zip(*trees, strict=True)]
 
 

@@ -49,8 +49,9 @@ from dynamics import models as _models
 from dynamics import observables as obs
 from dynamics import recording as _rec
 from dynamics import schedules as _schedules
+from dynamics import stacks as _stacks
 from dynamics import steps as _steps
-from dynamics.models import Model, layer_weights, scale_weights
+from dynamics.models import Model, scale_weights
 from dynamics.recording import (  # noqa: F401  (re-exported: the registry's home was here)
     ALIASES,
     OBSERVABLES,
@@ -108,6 +109,12 @@ class RunSpec:
     data_transform: `f(key, data: RunData, hp) -> RunData`, a pure function giving each run its
     own draw of the data from a key of its own (a fresh noise input or noise realization per
     seed, as papers that fit one example do); None: every run reads the spec's data.
+    stack_layers: carry the params (and the optimizer state, the last gradient) from step to
+    step as a `stacks.LayerList`, runs of identical layers stacked, for models that take one
+    (`Model.init_stacked`) and an autodiff gradient: a uniform stack's step is then the same program
+    at any depth (compile time does not grow with it). The numbers are the list's to float
+    rounding; observables, `StepContext`, `RecordContext` and "final_state" see the list of
+    layers either way. False: the list throughout.
     """
 
     model: Model
@@ -133,6 +140,7 @@ class RunSpec:
     keep_state: bool = False
     sharpness_tol: float = 1e-4
     data_transform: Callable | None = None
+    stack_layers: bool = True
 
     def __post_init__(self):
         if self.steps is None and self.epochs is None:
@@ -461,6 +469,14 @@ def dense_gradient(spec: RunSpec) -> bool:
     )
 
 
+def stacked_layers(spec: RunSpec) -> bool:
+    """Whether the spec's runs carry their params as a `stacks.LayerList` (see
+    RunSpec.stack_layers)."""
+    return (
+        bool(spec.stack_layers) and spec.model.init_stacked is not None and not dense_gradient(spec)
+    )
+
+
 def cpu_kernels() -> bool:
     """Whether programs built now run on the CPU, with the compiled kernels."""
     from dynamics import native
@@ -670,9 +686,9 @@ class _StepStats:
         if self.user:
             ctx = StepContext(
                 t,
-                c.state.params,
-                new.state.params,
-                info.grads,
+                _stacks.unpack(c.state.params),
+                _stacks.unpack(new.state.params),
+                _stacks.unpack(info.grads),
                 info.loss,
                 batch,
                 hp_t,
@@ -770,12 +786,12 @@ def _user_value(o: Observable, acc, steps):
 
 def _relative_change(new_params, old_params) -> jax.Array:
     """||W_k(new) - W_k(old)||_F / ||W_k(old)||_F per layer (L,)."""
-    return jnp.stack(
-        [
-            jnp.sqrt(jnp.sum((b - a) ** 2)) / jnp.sqrt(jnp.sum(a**2))
-            for a, b in zip(layer_weights(old_params), layer_weights(new_params), strict=True)
-        ]
-    )
+
+    def one(old, new):
+        a, b = _models.layer_weight(old), _models.layer_weight(new)
+        return jnp.sqrt(jnp.sum((b - a) ** 2)) / jnp.sqrt(jnp.sum(a**2))
+
+    return _stacks.per_layer(one, old_params, new_params)
 
 
 # --------------------------------------------------------------------------- the run
@@ -869,13 +885,15 @@ def make_run(spec: RunSpec, *, start: int = 0) -> Callable:
     # unrolling only doubles the gradients in flight: the reference grid with every observable
     # ran 0.4-4.5% slower with it (three A/B runs), its batch-128 runs 5-6%.
     unroll = 2 if stats.track_cos and not cpu_kernels() else 1
+    stacked = stacked_layers(spec)
 
-    def initial_params(hp, k_init):
-        params = scale_weights(model.init(k_init), hp.init_scale)
+    def initial_params(hp, k_init, stacked=False):
+        params = _models.stacked_init(model)(k_init) if stacked else model.init(k_init)
+        params = scale_weights(params, hp.init_scale)
         return _to(jnp.float64, params) if spec.precision == "float64" else params
 
     def initial_state(hp, k_init) -> RunState:
-        params = initial_params(hp, k_init)
+        params = initial_params(hp, k_init, stacked)
         ms = _models.init_state(model, k_init) if stateful else ()
         if spec.precision == "float64":
             ms = _to(jnp.float64, ms)
@@ -894,11 +912,12 @@ def make_run(spec: RunSpec, *, start: int = 0) -> Callable:
                 b = _epoch_batch(
                     jnp.arange(n_train), jnp.zeros((), jnp.int32), B, n_train, default_data
                 )
+                params = _stacks.unpack(c.state.params)
                 ctx = StepContext(
                     jnp.ones((), jnp.int32),
-                    c.state.params,
-                    c.state.params,
-                    c.state.params,
+                    params,
+                    params,
+                    params,
                     jnp.zeros(()),
                     b,
                     hp,
@@ -942,6 +961,8 @@ def make_run(spec: RunSpec, *, start: int = 0) -> Callable:
             c0 = initial_state(hp, k_init)
         else:
             c0 = init
+            if stacked:  # the kept state holds lists of layers: in the run's layout
+                c0 = _stacks.pack_tree(jax.eval_shape(initial_state, hp, k_init), c0)
         c0 = c0._replace(diverged=c0.diverged | invalid)
 
         def applied(hp, t):
@@ -1100,7 +1121,7 @@ def make_run(spec: RunSpec, *, start: int = 0) -> Callable:
         trace["status"] = jnp.where(invalid, 3, status).astype(jnp.int8)
         trace["diverged_step"] = jnp.where(invalid, -1, final.diverged_step)
         if spec.keep_state:
-            trace["final_state"] = final
+            trace["final_state"] = _stacks.unpack_tree(final)
         return trace
 
     def _output_is_constant(c: RunState, data) -> jax.Array:

@@ -47,7 +47,7 @@ def test_readme_table_keeps_each_parts_latest_figures(tmp_path):
     }
     depth = {
         "device": dev,
-        "depth_compile": {"mlp": {"scan": {"10": 1.0, "100": 3.5, "ratio": 3.5}}},
+        "depth_compile": {"mlp": {"stacked": {"10": 1.0, "100": 3.5, "ratio": 3.5}}},
     }
     store = tmp_path / "bench.json"
     save_figures(conv, store)
@@ -56,7 +56,7 @@ def test_readme_table_keeps_each_parts_latest_figures(tmp_path):
     table = readme_table(saved)
     assert "| 4-layer CNN (256 runs) | useful FLOP/s / matmul peak | 27% | >= 40% |" in table
     assert "| 1.64x | >= 1.5x |" in table and "| 1.02x | <= 1.15x |" in table
-    assert "| depth 10 -> 100, mlp, scan | compile time ratio | 3.50x | <= 1.5x |" in table
+    assert "| depth 10 -> 100, mlp, stacked | compile time ratio | 3.50x | <= 1.5x |" in table
     readme = tmp_path / "README.md"
     readme.write_text("a\n<!-- bench -->\nold\n<!-- /bench -->\nb\n")
     update_readme(readme, table)

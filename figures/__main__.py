@@ -3,9 +3,9 @@
 Runs whatever sweeps the chosen figures need and are missing (or unfinished: they resume),
 then draws them. A figure module `figures/NAME.py` declares SWEEPS (sweep names),
 draw(datasets: dict[name, xarray.Dataset]) -> list of written paths (it saves the numbers it
-quotes with `common.save_numbers(NAME, ...)`) and gallery(numbers: dict) -> str, its README
-paragraph. --gallery also copies the drawn PNGs and numbers to docs/gallery/ and rewrites the
-README's gallery sections from them (see figures/common.py).
+quotes with `common.save_numbers(NAME, ...)`) and gallery(numbers: dict) -> str, its
+section of the gallery. --gallery also copies the drawn PNGs and numbers to docs/gallery/ and
+rewrites the gallery's sections in docs/reproductions.md from them (see figures/common.py).
 """
 
 from __future__ import annotations
@@ -43,7 +43,8 @@ def main(argv=None) -> int:
     p.add_argument(
         "--gallery",
         action="store_true",
-        help="copy the figures and their numbers to docs/gallery/ and rewrite the README's sections",
+        help="copy the figures and their numbers to docs/gallery/ and rewrite their sections "
+        "of docs/reproductions.md",
     )
     args = p.parse_args(argv)
     from figures import common, gallery

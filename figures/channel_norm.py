@@ -109,7 +109,7 @@ def _geo(v, axis=None):
 
 
 def numbers(lin: xr.Dataset, dec: xr.Dataset) -> dict:
-    """What the README quotes: per mode and depth, the geometric mean over conv layers of the
+    """What the gallery quotes: per mode and depth, the geometric mean over conv layers of the
     gradient at init (geometric mean over seeds, and the seeds' range), the authors' value and
     its percentile among our seeds, the head's gradient; the slope of log10 gradient against
     depth without normalization (ours from the seed means, theirs from their runs); the spread

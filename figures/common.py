@@ -1,14 +1,14 @@
 """Shared by every figure script: the one loader of stored results, seed bands, captions,
 saving to PNG and PDF under figures/out/, and the numbers a figure quotes.
 
-The gallery. `make figures` draws into figures/out/ (not tracked). Every number the README
-quotes beside a figure comes from the stored results: a figure script computes it from its
-datasets and passes it to `save_numbers(NAME, {...})`, which writes figures/out/NAME.json; the
-module's `gallery(numbers) -> str` turns those numbers into its README paragraph.
-`python -m figures --gallery` (after drawing) copies the PNGs and the numbers into
-docs/gallery/ and rewrites each figure's README section between `<!-- gallery:NAME -->` and
-`<!-- /gallery:NAME -->` from them; tests/test_gallery.py checks that the README's sections are
-what the committed numbers give, so no quoted number is typed by hand.
+The gallery. `make figures` draws into figures/out/ (not tracked). Every number the gallery
+(docs/reproductions.md, indexed from the README) quotes beside a figure comes from the stored
+results: a figure script computes it from its datasets and passes it to `save_numbers(NAME,
+{...})`, which writes figures/out/NAME.json; the module's `gallery(numbers) -> str` turns those
+numbers into its section. `python -m figures --gallery` (after drawing) copies the PNGs and the
+numbers into docs/gallery/ and rewrites each figure's section between `<!-- gallery:NAME -->`
+and `<!-- /gallery:NAME -->` from them; tests/test_gallery.py checks that the sections are what
+the committed numbers give, so no quoted number is typed by hand.
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ def caption(fig, text: str) -> None:
 
 
 def save(fig, name: str) -> list[Path]:
-    """Write figures/out/NAME.png (small, committed for the README) and NAME.pdf."""
+    """Write figures/out/NAME.png (small, committed for the gallery) and NAME.pdf."""
     OUT.mkdir(parents=True, exist_ok=True)
     paths = [OUT / f"{name}.png", OUT / f"{name}.pdf"]
     fig.savefig(paths[0], bbox_inches="tight")
@@ -135,7 +135,7 @@ def _plain(v):
 
 
 def fmt(x, digits: int = 3) -> str:
-    """A number as the README prints it: `digits` significant digits, exponent when small."""
+    """A number as the gallery prints it: `digits` significant digits, exponent when small."""
     x = float(x)
     if x == 0 or (1e-3 <= abs(x) < 1e5):
         return f"{x:.{digits}g}"
@@ -143,12 +143,12 @@ def fmt(x, digits: int = 3) -> str:
 
 
 def image(name: str) -> str:
-    """Markdown for a gallery image (docs/gallery/NAME.png)."""
-    return f"![{name.replace('_', ' ')}](docs/gallery/{name}.png)"
+    """Markdown for a gallery image (docs/gallery/NAME.png, linked from docs/reproductions.md)."""
+    return f"![{name.replace('_', ' ')}](gallery/{name}.png)"
 
 
 def image_names(markdown: str) -> list[str]:
-    """The gallery images (docs/gallery/NAME.png) a README section links to."""
+    """The gallery images (docs/gallery/NAME.png) a gallery section links to."""
     import re
 
-    return re.findall(r"\]\(docs/gallery/([\w-]+)\.png\)", markdown)
+    return re.findall(r"\]\(gallery/([\w-]+)\.png\)", markdown)

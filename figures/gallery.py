@@ -1,9 +1,10 @@
-"""The README's gallery, rewritten from the numbers the figure scripts saved (see common.py).
+"""The gallery (docs/reproductions.md), rewritten from the numbers the figure scripts saved
+(see common.py).
 
 `publish(name, module)` copies figures/out/NAME*.png and NAME.json into docs/gallery/ and puts
-`module.gallery(numbers)` into the README between `<!-- gallery:NAME -->` and
-`<!-- /gallery:NAME -->`. `sections()` and `expected()` let the tests check that the README
-says what the committed numbers give.
+`module.gallery(numbers)` into docs/reproductions.md between `<!-- gallery:NAME -->` and
+`<!-- /gallery:NAME -->`. `sections()` and `expected()` let the tests check that the page says
+what the committed numbers give. The README indexes the page (one row per figure).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from figures import common
 
-README = common.ROOT / "README.md"
+PAGE = common.ROOT / "docs" / "reproductions.md"
 NOT_FIGURES = {"common", "gallery"}
 
 
@@ -25,14 +26,14 @@ def _marker(name: str) -> re.Pattern:
 
 
 def sections(text: str | None = None) -> dict[str, str]:
-    """{figure name: its README section's text} for every marked section."""
-    text = README.read_text() if text is None else text
+    """{figure name: its gallery section's text} for every marked section."""
+    text = PAGE.read_text() if text is None else text
     pat = re.compile(r"<!-- gallery:(\w+) -->\n(.*?)<!-- /gallery:\1 -->", re.S)
     return {m.group(1): m.group(2) for m in pat.finditer(text)}
 
 
 def expected(name: str, module) -> str:
-    """What the README section of figure `name` must say: its gallery() of the committed numbers."""
+    """What the gallery section of figure `name` must say: its gallery() of the committed numbers."""
     return module.gallery(common.load_numbers(name)).strip() + "\n"
 
 
@@ -44,11 +45,11 @@ def publish(name: str, module) -> list[Path]:
     src = common.OUT / f"{name}.json"
     if src.exists():
         written.append(Path(shutil.copy2(src, common.GALLERY / src.name)))
-    text = README.read_text()
+    text = PAGE.read_text()
     pat = _marker(name)
     if pat.search(text) and (common.GALLERY / f"{name}.json").exists():
         body = expected(name, module)
         text = pat.sub(lambda m: m.group(1) + body + m.group(3), text)
-        README.write_text(text)
-        written.append(README)
+        PAGE.write_text(text)
+        written.append(PAGE)
     return written

@@ -52,7 +52,7 @@ def needed_width(n: dict) -> float:
 
 
 def numbers(ds, lambda0: float, x=None) -> dict:
-    """What the figure and the README quote, from a (width, seed, step[, layer]) dataset."""
+    """What the figure and the gallery quote, from a (width, seed, step[, layer]) dataset."""
     widths = [int(w) for w in ds.width.values]
     lr = float(np.asarray(ds.lr).ravel()[0])
     steps = ds.step.values.astype(float)

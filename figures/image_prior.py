@@ -386,7 +386,7 @@ def _draw_generator(plt, datasets, numbers) -> list:
     return common.save(fig, "image_prior_generator")
 
 
-# --------------------------------------------------------------------------- README
+# --------------------------------------------------------------------------- gallery
 
 
 def gallery(numbers: dict) -> str:
@@ -427,7 +427,8 @@ def gallery(numbers: dict) -> str:
         f"compile {f(v['compile_seconds'])} s)"
         for s, v in rates.items()
     )
-    return f"""### Un-trained networks as image priors (P5: Heckel & Hand 2019; Heckel & Soltanolkotabi 2020)
+    return f"""**P5. Un-trained networks as image priors** (Heckel & Hand 2019; Heckel & Soltanolkotabi
+2020) — `make figures FIG=image_prior`
 
 A deep decoder, a convolutional generator with fixed upsampling, fits a natural image much faster
 than noise; so fitted to a noisy image its PSNR to the clean one rises, peaks and falls (early

@@ -355,7 +355,7 @@ def draw_decay(ds, plt) -> list:
 
 
 def numbers(ds) -> dict:
-    """Every number the README quotes, from the stored results."""
+    """Every number the gallery quotes, from the stored results."""
     s = settings(ds)
     r = rank_at(ds)
     end, ok = r.isel(epoch=-1), fits(ds)
@@ -478,7 +478,7 @@ def draw(datasets: dict) -> list:
     return paths
 
 
-# --------------------------------------------------------------------------- README
+# --------------------------------------------------------------------------- gallery
 
 
 def _key(lr, wd) -> str:
@@ -486,7 +486,7 @@ def _key(lr, wd) -> str:
 
 
 def gallery(numbers: dict) -> str:
-    """The README entry: protocol table, our numbers beside the authors', and what does not
+    """The gallery entry: protocol table, our numbers beside the authors', and what does not
     show at this scale, every number of ours read from `numbers`."""
     fmt = common.fmt
     n = numbers

@@ -162,6 +162,9 @@ def _range(v, digits=2):
 def gallery(n: dict) -> str:
     ms = ", ".join(str(m) for m in n["milestones"])
     lines = [
+        "**P2. Neural collapse** (Papyan, Han, Donoho, PNAS 2020; Han, Papyan, Donoho, ICLR 2022) — "
+        "`make figures FIG=neural_collapse`",
+        "",
         common.image("neural_collapse"),
         "",
         "Protocol (`sweeps/configs/neural_collapse.py`; the P2 authors' repository has no "

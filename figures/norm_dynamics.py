@@ -262,7 +262,7 @@ def _setup_text(ds) -> str:
 
 
 def numbers(ds, eq_ds, attrs) -> dict:
-    """Every number the README paragraph quotes, from the stored results."""
+    """Every number the gallery paragraph quotes, from the stored results."""
     out: dict = {"epochs": int(ds.epoch.values[-1]), "seeds": int(ds.sizes["seed"])}
     out["init_scales"] = [float(s) for s in ds.init_scale.values]
     half = second_half(ds)
@@ -344,7 +344,7 @@ def draw(datasets):
     return paths
 
 
-# --------------------------------------------------------------------------- README
+# --------------------------------------------------------------------------- gallery
 
 
 def _f(x, digits=2):
@@ -380,6 +380,9 @@ def gallery(n: dict) -> str:
     s_lo, s_hi = f"{s[0]:g}", f"{s[-1]:g}"
     nobn_ok = [f"{x:g}" for x in s if n.get(f"nobn_nowd_s{x:g}_trained", 0) == n["seeds"]]
     lines = [
+        "**P2. Norm dynamics under the square loss** (Xu, Rangamani, Liao, Galanti, Poggio, "
+        "Research 2023) — `make figures FIG=norm_dynamics`",
+        "",
         common.image("norm_dynamics_rho"),
         "",
         common.image("norm_dynamics_margins"),

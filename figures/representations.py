@@ -32,7 +32,7 @@ LABELS = {
     "abs_corr": "mean |correlation|",
     "amplitude": "mean |h|",
 }
-# the statistics' names in README tables (a "|" would end a table cell)
+# the statistics' names in gallery tables (a "|" would end a table cell)
 TABLE_LABELS = {**LABELS, "abs_corr": "mean abs. correlation", "amplitude": "mean abs(h)"}
 ION_RUN = dict(seed=0, lr=3e-3, weight_decay=0.0)  # the network the constructions start from
 N_DEAD = 50

@@ -171,6 +171,19 @@ def singular_values(params, pad_to: int | None = None, method: str = "auto") -> 
     (square roots of the eigenvalues of W W^T, accurate for s_i / s_1 above about sqrt(eps)).
     Shape (L, pad_to).
     """
+    if isinstance(params, _stacks.LayerList):  # one batched call per stacked segment
+        _check_params(params)
+
+        def matrix(layer):
+            return layer_weights([layer])[0]
+
+        shapes = [jax.eval_shape(jax.vmap(matrix), seg).shape[1:] for seg in params.segments]
+        pad_to = max(min(sh) for sh in shapes) if pad_to is None else pad_to
+        rows = []
+        for seg in params.segments:
+            sv = jax.vmap(lambda layer: _svals(matrix(layer), method))(seg)
+            rows.append(jnp.pad(sv, ((0, 0), (0, pad_to - sv.shape[-1])), constant_values=jnp.nan))
+        return jnp.concatenate(rows)
     ws = layer_weights(params)
     pad_to = max(min(w.shape) for w in ws) if pad_to is None else pad_to
     rows = []

@@ -302,7 +302,8 @@ def make_state_observer(
     def w_needs_list(which) -> bool:
         # every observable but these reads the list of layers (these take either form)
         takes_stacked = EVAL_NAMES - set(obs.NC_NAMES) - set(ALIASES["margins"])
-        takes_stacked |= {"test_loss", "test_accuracy", "rho", "layer_norm"}
+        takes_stacked |= {"test_loss", "test_accuracy", "rho", "layer_norm", "effective_lr"}
+        takes_stacked |= SPECTRAL
         return not set(which) <= takes_stacked
 
     def observe(params, model_state, hp, data, key, step, which, init_params=None) -> dict:

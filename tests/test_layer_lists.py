@@ -115,6 +115,22 @@ def test_stacked_init_apply_and_gradient_equal_the_lists(name):
     _close(stacks.unpack(jax.grad(loss)(P)), jax.grad(loss)(p), f"{name}: gradient")
 
 
+@pytest.mark.parametrize("method", ["auto", "svd", "gram"])
+@pytest.mark.parametrize("name", ["mlp", "linear_conv1d_head", "cnn_bn"])
+def test_stacked_spectra_equal_the_lists(name, method):
+    """Spectra of a LayerList: one batched call per segment, the same values (and NaN padding)
+    as layer by layer."""
+    p = FACTORIES[name]().init(jax.random.key(4))
+    P = stacks.pack(p)
+    a = dyn.observables.singular_values(P, method=method)
+    b = dyn.observables.singular_values(p, method=method)
+    assert a.shape == b.shape == (len(p), max(min(w.shape) for w in dyn.models.layer_weights(p)))
+    np.testing.assert_array_equal(np.isnan(a), np.isnan(b))
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    c = dyn.observables.singular_values(P, pad_to=9, method=method)
+    assert c.shape == (len(p), 9) and np.isnan(np.asarray(c)[:, 8]).all()
+
+
 def _data():
     return dyn.data.teacher_regression(n_train=48, n_test=0, d_in=5, d_out=3, seed=0)
 
@@ -131,7 +147,19 @@ def _pair(spec_kwargs, hp=None, seeds=2):
     return out
 
 
-OBSERVED = ("loss", "rho", "layer_norm", "grad_norm", "grad_cos", "update_size", "sv", "rank")
+OBSERVED = (
+    "loss",
+    "rho",
+    "layer_norm",
+    "grad_norm",
+    "grad_cos",
+    "update_size",
+    "sv",
+    "rank",
+    "stable_rank",
+    "mean_rank",
+    "effective_lr",
+)
 
 
 def test_stacked_runs_equal_list_runs():
@@ -231,7 +259,7 @@ def _step_eqns(depth, stack):
         steps=5,
         record_every=5,
         batch=16,
-        observables=("loss", "grad_norm", "grad_cos", "layer_norm"),
+        observables=("loss", "grad_norm", "grad_cos", "layer_norm", "sv", "rank"),
         gradient="autodiff",
         stack_layers=stack,
     )
@@ -255,8 +283,8 @@ def _step_eqns(depth, stack):
 
 
 def test_stacked_run_program_does_not_grow_with_depth():
-    """The whole run's program (init, steps, per-step gradient statistics, per-layer norms at
-    the records) has as many operations at depth 40 as at depth 6 when carried stacked; carried
+    """The whole run's program (init, steps, per-step gradient statistics, per-layer norms and
+    spectra at the records) has as many operations at depth 40 as at depth 6 when carried stacked; carried
     as lists it grows with depth (the check can fail)."""
     s6, s40 = _step_eqns(6, True), _step_eqns(40, True)
     assert s40 == s6, (s6, s40)

@@ -350,6 +350,11 @@ def prepare(
         elif at is not None:
             da, at_note = _at_step(da, rec, at)
     slots = [row or "_row", col or "_col", hue or "_hue", x] + (["seed"] if band else [])
+    # a grown store holds an axis's new values after the old ones: draw lines, legends and
+    # panels in increasing order of every numeric axis placed
+    for a in (row, col, hue, x):
+        if a is not None and a in da.dims and np.issubdtype(da[a].dtype, np.number):
+            da = da.sortby(a)
     da = da.squeeze([d for d in da.dims if d not in slots], drop=True)
     da = da.expand_dims([d for d in slots if d not in da.dims]).transpose(*slots)
     v = np.asarray(da.values, float)  # (row, col, hue, x[, seed]), length 1 where not placed

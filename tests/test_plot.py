@@ -143,6 +143,29 @@ def test_scalar_variable_lines_and_bands(tiny, tmp_path, capsys):
         assert ("geometric mean" in title) == log
 
 
+def test_axes_drawn_in_increasing_order(tiny):
+    """A grown store appends an axis's new values (lr 0.01 after 0.05, 0.2): panels, legend
+    entries and x values come in increasing order all the same, each with its own numbers."""
+    ds = xr.open_zarr(tiny).load()
+    grown = ds.isel(lr=[1, 0], batch_size=[1, 0])  # as a store grown by lr 0.05 and batch 4
+    for hue, col in (("lr", "batch_size"), ("batch_size", "lr")):
+        fig = plot.plot(grown, "loss", hue=hue, col=col, sel=["weight_decay=1e-3"])
+        values = sorted(float(v) for v in ds[col].values)
+        assert [ax.get_title() for ax in fig.axes] == [f"{col}={v:g}" for v in values]
+        for ax, c in zip(fig.axes, values, strict=True):
+            hues = sorted(float(v) for v in ds[hue].values)
+            assert [ln.get_label().split(" ")[0] for ln in mean_lines(ax)] == [
+                f"{h:g}" for h in hues
+            ]
+            for h in hues:
+                v = ds["loss"].sel(weight_decay=1e-3, **{col: c, hue: h})
+                check_line(ax, f"{h:g}", v.mean("seed"), "step")
+    fig = plot.plot(grown, "loss", x="batch_size", hue="lr", at="last", sel=["weight_decay=1e-3"])
+    for line in mean_lines(fig.axes[0]):
+        xs = np.asarray(line.get_xdata(), float)
+        assert (np.diff(xs) > 0).all(), xs
+
+
 def test_layer_variable(tiny, tmp_path):
     """rank (recorded every other record): --layer all draws one line per layer, K picks one,
     mean (the default) averages; records where rank was not recorded are skipped."""

@@ -308,7 +308,14 @@ def _check_model_output(spec: RunSpec) -> int:
             "model: init(key) must return a list with one dict per layer, got "
             f"{type(params).__name__}"
         ) from None
-    x = jax.ShapeDtypeStruct((2,) + tuple(d.x_train.shape[1:]), jnp.float32)
+    dtype = jnp.float64 if spec.precision == "float64" else jnp.float32
+    params = jax.tree.map(
+        lambda a: (
+            jax.ShapeDtypeStruct(a.shape, dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a
+        ),
+        params,
+    )  # the run's dtype (a model's init draws float64 under jax_enable_x64)
+    x = jax.ShapeDtypeStruct((2,) + tuple(d.x_train.shape[1:]), dtype)
     out = jax.eval_shape(lambda p, x: spec.model.apply(p, x, None), params, x)
     width = math.prod(out.shape[1:])
     labels = np.issubdtype(d.y_train.dtype, np.integer)
@@ -352,9 +359,11 @@ def run_data(spec: RunSpec) -> RunData:
     )
 
     def arr(a):
+        # floating data in the spec's dtype (float32 unless precision is float64), whatever the
+        # process's default dtype
         a = jnp.asarray(a)
-        if spec.precision == "float64" and jnp.issubdtype(a.dtype, jnp.floating):
-            a = a.astype(jnp.float64)
+        if jnp.issubdtype(a.dtype, jnp.floating):
+            a = a.astype(jnp.float64 if spec.precision == "float64" else jnp.float32)
         return a
 
     return RunData(
@@ -886,17 +895,18 @@ def make_run(spec: RunSpec, *, start: int = 0) -> Callable:
     # ran 0.4-4.5% slower with it (three A/B runs), its batch-128 runs 5-6%.
     unroll = 2 if stats.track_cos and not cpu_kernels() else 1
     stacked = stacked_layers(spec)
+    param_dtype = jnp.float64 if spec.precision == "float64" else jnp.float32
 
     def initial_params(hp, k_init, stacked=False):
         params = _models.stacked_init(model)(k_init) if stacked else model.init(k_init)
         params = scale_weights(params, hp.init_scale)
-        return _to(jnp.float64, params) if spec.precision == "float64" else params
+        # the spec's dtype whatever the process's default (a model's init draws float64 under
+        # jax_enable_x64, which a float64 sweep earlier in the process turns on)
+        return _to(param_dtype, params)
 
     def initial_state(hp, k_init) -> RunState:
         params = initial_params(hp, k_init, stacked)
-        ms = _models.init_state(model, k_init) if stateful else ()
-        if spec.precision == "float64":
-            ms = _to(jnp.float64, ms)
+        ms = _to(param_dtype, _models.init_state(model, k_init)) if stateful else ()
         state = stepper.init_fn(params)
         prev0 = jax.tree.map(jnp.zeros_like, params) if stats.track_cos else ()
         sq0 = jnp.zeros((n_layers,), stats.f) if stats.track_grad else ()

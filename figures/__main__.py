@@ -14,6 +14,7 @@ import argparse
 import importlib
 import os
 import pkgutil
+import subprocess
 import sys
 import time
 
@@ -48,7 +49,6 @@ def main(argv=None) -> int:
     )
     args = p.parse_args(argv)
     from figures import common, gallery
-    from sweeps import cli
 
     if args.results:
         os.environ["DYNAMICS_RESULTS"] = args.results
@@ -69,7 +69,10 @@ def main(argv=None) -> int:
             except FileNotFoundError:
                 print(f"[figures] running sweep {sweep} for {name}", flush=True)
                 sets = [x for s in args.set for x in ("--set", s)]
-                rc = cli.main(["run", sweep, "--out", common.results_dir(), "--quiet", *sets])
+                # each sweep in a process of its own: a float64 sweep turns on jax_enable_x64
+                # for the process it runs in, and no later sweep should run under it
+                argv = ["run", sweep, "--out", common.results_dir(), "--quiet", *sets]
+                rc = subprocess.run([sys.executable, "-m", "sweeps", *argv]).returncode
                 if rc:
                     return rc
                 datasets[sweep] = common.open_results(sweep)

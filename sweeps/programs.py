@@ -90,6 +90,11 @@ class Program:
         """Compile once. With a key, the traced and lowered program is also kept on disk
         (jax.export), so a later process skips Python tracing and lowering and only loads the
         compiled code from JAX's persistent cache."""
+
+        with _x64(self.spec):
+            self._compile(hp, seeds)
+
+    def _compile(self, hp, seeds) -> None:
         import jax
 
         hp, seeds = jax.device_put((hp, seeds), self.shard)
@@ -150,10 +155,14 @@ class Program:
         return jax.jit(exp.call).lower(*self._args(hp, seeds)).compile()
 
     def __call__(self, hp, seeds, init=None):
-        import jax
-
         if self.compiled is None:
             self.compile(hp, seeds)
+        with _x64(self.spec):
+            return self._call(hp, seeds, init)
+
+    def _call(self, hp, seeds, init):
+        import jax
+
         if self.start:
             if init is None:
                 raise ValueError("init: a program that continues runs takes their states")
@@ -164,6 +173,16 @@ class Program:
 
 
 _EXPORT_READY: bool | None = None
+
+
+def _x64(spec):
+    """JAX's 64-bit mode as the spec needs it, for tracing and calling its program: on for
+    precision float64, off otherwise, whatever the process holds (a float64 sweep turns it on
+    for its process, and under it the models' inits draw float64 numbers, other than the
+    float32 draws of the same keys)."""
+    import jax
+
+    return jax.enable_x64(spec.precision == "float64")
 
 
 def _uses_native(spec) -> bool:

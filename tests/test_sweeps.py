@@ -360,6 +360,29 @@ def test_kernels_off_give_the_same_store(reference, tmp_path):
     assert_close_stores(ref, off, KERNELS_RTOL, KERNELS_ATOL)
 
 
+def test_float32_sweep_after_x64_is_turned_on(reference, tmp_path):
+    """A float64 sweep turns on jax_enable_x64 for its process; a float32 sweep run after it in
+    the same process (as `make figures` once did) trains in float32 as before: its store equals
+    the reference to the layout tolerance. Before, the models' inits drew float64 weights there
+    and the gradient statistics' carry failed to trace."""
+    out = tmp_path / "x64.zarr"
+    code = (
+        "import jax; jax.config.update('jax_enable_x64', True); import sys; "
+        "from sweeps import cli; "
+        f"sys.exit(cli.main(['run', {TINY!r}, '--out', {str(out)!r}, '--devices', '4', "
+        "'--chunk', '4', '--quiet']))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    ref, _ = reference
+    ds = xr.open_zarr(out)
+    assert ds["loss"].dtype == np.float32 and ds["sv"].dtype == np.float32
+    assert_close_stores(ref, out, LAYOUT_RTOL, LAYOUT_ATOL)
+
+
 def _done(out: Path) -> int:
     import zarr
 

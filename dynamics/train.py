@@ -104,7 +104,11 @@ class RunSpec:
     available; autodiff otherwise) or "autodiff". precision: "float32"; "bfloat16" / "float16"
     (the forward and backward passes in half precision, float32 master weights, loss and
     observables); "float64" (everything in double; needs `jax.config.update("jax_enable_x64",
-    True)` before any array is created). keep_state: the trace also holds the run's final
+    True)` before any array is created). Params, model state and data are cast to the
+    precision's dtype (float32 unless "float64") whatever the process's 64-bit mode; under
+    `jax_enable_x64` the inits still draw in float64 before the cast, so a float32 run's numbers
+    differ from a process without it unless traced inside `jax.enable_x64(False)` (as the sweep
+    runner traces its programs). keep_state: the trace also holds the run's final
     `RunState` (parameters, optimizer and model state), to keep or to continue the run.
     data_transform: `f(key, data: RunData, hp) -> RunData`, a pure function giving each run its
     own draw of the data from a key of its own (a fresh noise input or noise realization per

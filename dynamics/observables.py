@@ -173,17 +173,15 @@ def singular_values(params, pad_to: int | None = None, method: str = "auto") -> 
     """
     if isinstance(params, _stacks.LayerList):  # one batched call per stacked segment
         _check_params(params)
-
-        def matrix(layer):
-            return layer_weights([layer])[0]
-
-        shapes = [jax.eval_shape(jax.vmap(matrix), seg).shape[1:] for seg in params.segments]
-        pad_to = max(min(sh) for sh in shapes) if pad_to is None else pad_to
-        rows = []
-        for seg in params.segments:
-            sv = jax.vmap(lambda layer: _svals(matrix(layer), method))(seg)
-            rows.append(jnp.pad(sv, ((0, 0), (0, pad_to - sv.shape[-1])), constant_values=jnp.nan))
-        return jnp.concatenate(rows)
+        svs = [
+            jax.vmap(lambda layer: _svals(layer_weights([layer])[0], method))(seg)
+            for seg in params.segments
+        ]
+        pad_to = max(sv.shape[-1] for sv in svs) if pad_to is None else pad_to
+        pads = [
+            jnp.pad(sv, ((0, 0), (0, pad_to - sv.shape[-1])), constant_values=jnp.nan) for sv in svs
+        ]
+        return jnp.concatenate(pads)
     ws = layer_weights(params)
     pad_to = max(min(w.shape) for w in ws) if pad_to is None else pad_to
     rows = []

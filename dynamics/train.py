@@ -304,7 +304,8 @@ def _check_model_output(spec: RunSpec) -> int:
     """The model's output must fit the data: as many outputs as classes for class labels, one for
     +-1 labels, the targets' shape for regression (named losses). Returns the layer count."""
     d = spec.data
-    params = jax.eval_shape(spec.model.init, jax.random.key(0))
+    dtype = _rec.record_dtype(spec)  # the run's (a model's init draws float64 under x64)
+    params = jax.eval_shape(lambda k: _to(dtype, spec.model.init(k)), jax.random.key(0))
     try:
         n_layers = len(params)
     except TypeError:
@@ -312,13 +313,6 @@ def _check_model_output(spec: RunSpec) -> int:
             "model: init(key) must return a list with one dict per layer, got "
             f"{type(params).__name__}"
         ) from None
-    dtype = jnp.float64 if spec.precision == "float64" else jnp.float32
-    params = jax.tree.map(
-        lambda a: (
-            jax.ShapeDtypeStruct(a.shape, dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a
-        ),
-        params,
-    )  # the run's dtype (a model's init draws float64 under jax_enable_x64)
     x = jax.ShapeDtypeStruct((2,) + tuple(d.x_train.shape[1:]), dtype)
     out = jax.eval_shape(lambda p, x: spec.model.apply(p, x, None), params, x)
     width = math.prod(out.shape[1:])
@@ -367,7 +361,7 @@ def run_data(spec: RunSpec) -> RunData:
         # process's default dtype
         a = jnp.asarray(a)
         if jnp.issubdtype(a.dtype, jnp.floating):
-            a = a.astype(jnp.float64 if spec.precision == "float64" else jnp.float32)
+            a = a.astype(_rec.record_dtype(spec))
         return a
 
     return RunData(
@@ -899,7 +893,7 @@ def make_run(spec: RunSpec, *, start: int = 0) -> Callable:
     # ran 0.4-4.5% slower with it (three A/B runs), its batch-128 runs 5-6%.
     unroll = 2 if stats.track_cos and not cpu_kernels() else 1
     stacked = stacked_layers(spec)
-    param_dtype = jnp.float64 if spec.precision == "float64" else jnp.float32
+    param_dtype = _rec.record_dtype(spec)  # float32 master weights under half precision
 
     def initial_params(hp, k_init, stacked=False):
         params = _models.stacked_init(model)(k_init) if stacked else model.init(k_init)

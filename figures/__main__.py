@@ -69,8 +69,8 @@ def main(argv=None) -> int:
             except FileNotFoundError:
                 print(f"[figures] running sweep {sweep} for {name}", flush=True)
                 sets = [x for s in args.set for x in ("--set", s)]
-                # each sweep in a process of its own: a float64 sweep turns on jax_enable_x64
-                # for the process it runs in, and no later sweep should run under it
+                # each sweep as `python -m sweeps run` runs it, in a process of its own: no
+                # state of an earlier sweep's process (64-bit mode, caches) reaches the next
                 argv = ["run", sweep, "--out", common.results_dir(), "--quiet", *sets]
                 rc = subprocess.run([sys.executable, "-m", "sweeps", *argv]).returncode
                 if rc:

@@ -321,7 +321,8 @@ def program_key(p: Plan, group: Group, n_pad: int, code: str | None = None, star
             "native": _native_kernel() if _uses_native(group.spec) else None,
             **({"keep_state": True} if group.spec.keep_state else {}),
             **({"start": start} if start else {}),
-            **({"x64": True} if jax.config.jax_enable_x64 else {}),
+            # traced in 64-bit mode exactly for float64 specs (`_x64`), whatever the process
+            **({"x64": True} if group.spec.precision == "float64" else {}),
         },
         sort_keys=True,
         default=repr,

@@ -182,7 +182,12 @@ def _x64(spec):
     float32 draws of the same keys)."""
     import jax
 
-    return jax.enable_x64(spec.precision == "float64")
+    return jax.enable_x64(_traced_in_x64(spec))
+
+
+def _traced_in_x64(spec) -> bool:
+    """Whether the spec's program is traced and called in 64-bit mode (`_x64`)."""
+    return spec.precision == "float64"
 
 
 def _uses_native(spec) -> bool:
@@ -321,8 +326,8 @@ def program_key(p: Plan, group: Group, n_pad: int, code: str | None = None, star
             "native": _native_kernel() if _uses_native(group.spec) else None,
             **({"keep_state": True} if group.spec.keep_state else {}),
             **({"start": start} if start else {}),
-            # traced in 64-bit mode exactly for float64 specs (`_x64`), whatever the process
-            **({"x64": True} if group.spec.precision == "float64" else {}),
+            # the mode the program is traced in (`_x64`), whatever the process's
+            **({"x64": True} if _traced_in_x64(group.spec) else {}),
         },
         sort_keys=True,
         default=repr,

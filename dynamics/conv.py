@@ -25,9 +25,9 @@ vmap XLA's SPMD partitioner miscompiles the grouped convolution a vmapped
 conv_general_dilated becomes when the run axis is sharded over more devices than the layer
 has output channels).
 
-Why not XLA's convolution on the CPU: vmapped over runs, whose kernels differ, a convolution
-becomes a grouped convolution (one group per run), which XLA's CPU backend computes at 2-5% of
-the matmul peak, and a single run's convolution and its two gradient convolutions are no
+Why not XLA's convolution on the CPU (beyond a few channels): vmapped over runs, whose kernels
+differ, a convolution becomes a grouped convolution (one group per run), which XLA's CPU backend
+computes at 2-5% of the matmul peak, and a single run's convolution and its two gradient convolutions are no
 faster on these small maps (`python -m bench --only conv` measures the forms per layer). The
 patch form is a batched matrix product whose batch axis is the run axis (vmap of a dot_general
 adds a batch dimension), which XLA's CPU backend runs near its dense speed.
@@ -276,26 +276,30 @@ _FORMS = {"xla": conv_xla, "patches": conv_patches, "taps": conv_taps}
 
 
 def choose(x_shape, w_shape, stride: int = 1, padding: str = "zero") -> str:
-    """The CPU formulation of a convolution of these shapes, from measurements (microseconds per
-    run of one layer's value and gradients, 8 runs vmapped on each of 2 CPU devices):
+    """The CPU formulation of a convolution of these shapes, from measurements of whole
+    networks' training gradients (`bench.gradient_forms`: 20-100 SGD steps in a scan, runs
+    vmapped and sharded over 2 CPU devices, milliseconds per call):
 
-      more than 4 input or output channels: "patches" (the conv grid's 16 -> 32 layer at batch
-          64: 872 us, XLA's 10956 us; its 1 -> 16 layer 28 us, XLA's 78 us; shifted taps
-          within 15% either way from 8 channels up, slower from 32 up);
-      at most 4 of each: "xla", whose grouped convolution is cheap at so few channels
-          (4 -> 4 channels, 3 taps, 1024 positions: 9.2 us, taps 9.6 us, patches 13.6 us;
-          1 -> 1 channel, 15 taps, 8 x 128 positions: 1.2 us, taps 1.9 us), except one
-          channel to one at 256 positions or fewer, where "taps" is (15 taps, 128 positions:
-          1.0 us, XLA's 2.2 us).
+      2 spatial axes, more than 2 input or output channels: "patches" (the 4-layer stride-2
+          CNN on 16x16 digits, batch 64, 8 runs per device: channels (16, 32, 64) 872 us per
+          step of its 16 -> 32 layer against XLA's 10956 us; channels (4, 4, 4) 29.4 ms against
+          XLA's 83.5 ms, (8, 16, 16) 60.9 against 653.5; (2, 2, 2) 29.3 against 32.6 at batch
+          64 and 3.6 against 2.9 at batch 8, a tie);
+      1 spatial axis, more than 8 channels: "patches" (the 12-layer 1-D decoder, kernel 3,
+          4 runs per device, batch 1: 16 channels, 1024 positions 452 ms against XLA's 1182,
+          128 positions 74 against 120);
+      otherwise "xla", whose grouped convolution is cheap at so few channels (the decoder at
+          8 channels: 22 ms against patches' 30 and taps' 37 at 128 positions, 216 against 278
+          at 1024; at 4 channels 57 against 115; the single-channel linear conv nets of
+          channel_norm_depth, 15 taps, batch 1, 16 runs per device, 128 positions: 11 ms
+          against shifted taps' 32; 32 to 512 positions, 1 to 16 runs per device: XLA's 2 to 6
+          times faster than taps).
+    "taps" is never chosen on these measurements; it stays a formulation to name.
     """
-    del padding
+    del stride, padding
     O, C = w_shape[0], w_shape[1]
-    if max(C, O) > 4:
-        return "patches"
-    positions = x_shape[0] * math.prod(-(-n // stride) for n in x_shape[2:])
-    if C == O == 1 and positions <= 256:
-        return "taps"
-    return "xla"
+    most = 2 if len(x_shape) - 2 >= 2 else 8
+    return "patches" if max(C, O) > most else "xla"
 
 
 def conv(x, w, stride: int = 1, padding: str = "zero", *, formulation: str | None = None):

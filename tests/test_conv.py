@@ -259,8 +259,11 @@ def test_choice_by_shape():
     assert conv.choose((8, 16, 8, 8), (32, 16, 3, 3), 2, "zero") == "patches"
     assert conv.choose((8, 1, 16, 16), (16, 1, 3, 3), 2, "zero") == "patches"
     assert conv.choose((1, 4, 1024), (4, 4, 3), 1, "circular") == "xla"  # few channels
-    assert conv.choose((1, 1, 128), (1, 1, 15), 1, "circular") == "taps"
-    assert conv.choose((8, 1, 128), (1, 1, 15), 1, "circular") == "xla"
+    assert conv.choose((1, 1, 128), (1, 1, 15), 1, "circular") == "xla"  # one channel
+    assert conv.choose((1, 8, 1024), (8, 8, 3), 1, "circular") == "xla"  # 1-D, 8 channels
+    assert conv.choose((1, 16, 1024), (16, 16, 3), 1, "circular") == "patches"
+    assert conv.choose((8, 4, 8, 8), (4, 4, 3, 3), 2, "zero") == "patches"  # 2-D, 4 channels
+    assert conv.choose((8, 2, 8, 8), (2, 2, 3, 3), 2, "zero") == "xla"
     x, w = _arrays((1, 4, 16), (4, 4, 3))
     f = lambda x, w: conv.conv(x, w, 1, "circular")  # noqa: E731
     assert "stablehlo.convolution" in _lowered_text(f, x, w, platform="cpu")

@@ -3,7 +3,7 @@
 Everything is measured in this one process (except the warm-cache compile, which needs a new
 process), on sweeps/configs/reference.py (the dense grid: 256 runs of an MLP) and
 sweeps/configs/reference_conv.py (the conv grid: 256 runs of a 4-layer CNN); --scale N
-multiplies the seeds of both, --only dense|conv measures one:
+multiplies the seeds of both, --only dense|conv|depth|cold measures one part:
 
   runs/s        the vectorized sweep (all chunks, after compilation) and a loop of single
                 jitted runs over the same grid, and their ratio (the loop against the
@@ -25,6 +25,10 @@ multiplies the seeds of both, --only dense|conv measures one:
                 default for an autodiff gradient), as a list, and (the MLP) unrolled and with
                 the compiled CPU gradient kernel: the ratio depth 100 / depth 10 is the target
                 (at most 1.5 stacked; --only depth).
+  cold          P4's gradient sweep (sweeps/configs/channel_norm_depth.py, 6 programs) as a
+                user runs it from nothing: a new process, an empty cache, compile and run
+                seconds, with the runner's convolution choice and with shifted taps, the
+                choice before XLA's convolution measured faster there (--only cold).
 
 The conv grid reports the same figures (under "conv" in the JSON, with its targets as
 conv.fraction_of_peak, conv.vectorized_over_loop, conv.observables_overhead), except that its
@@ -50,6 +54,7 @@ import functools
 import json
 import math
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -72,7 +77,9 @@ def _parse(argv):
     p.add_argument("--scale", type=int, default=1, help="multiply the reference grid's seeds")
     p.add_argument("--out", default=str(ROOT / "bench" / "out"))
     p.add_argument("--skip-loop", action="store_true", help="skip the loops of single runs")
-    p.add_argument("--only", choices=("dense", "conv", "depth"), help="measure one part only")
+    p.add_argument(
+        "--only", choices=("dense", "conv", "depth", "cold"), help="measure one part only"
+    )
     p.add_argument(
         "--conv-set",
         action="append",
@@ -550,6 +557,65 @@ def warm_compile(cache: str, sweep: str = "reference", sets=()) -> dict:
         }
 
 
+COLD_SWEEP = "channel_norm_depth"  # P4's gradient sweep: 6 small programs (3 depths x 2 norms)
+COLD_FORMS = (
+    "auto",
+    "taps",
+)  # the runner's convolution choice, and the shifted taps it made before
+
+
+def sweep_cold(sweep: str = COLD_SWEEP, forms=COLD_FORMS) -> dict:
+    """The sweep as a user runs it from nothing: `python -m sweeps run` in a new process with an
+    empty persistent cache, once per convolution formulation of `forms` (`DYNAMICS_CONV`;
+    "auto" is the runner's own choice); per form the store's compile and run seconds, its
+    number of programs and the process's wall time."""
+    out = {"sweep": sweep}
+    for form in forms:
+        with tempfile.TemporaryDirectory() as d:
+            store = os.path.join(d, "cold.zarr")
+            env = {
+                **os.environ,
+                "DYNAMICS_CACHE_DIR": os.path.join(d, "cache"),
+                "DYNAMICS_CONV": form,
+                "PYTHONPATH": str(ROOT),
+            }
+            cmd = [sys.executable, "-m", "sweeps", "run", sweep, "--out", store, "--quiet"]
+            t = time.perf_counter()
+            r = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
+            wall = time.perf_counter() - t
+            if r.returncode:
+                out[form] = {"error": r.stderr.strip().splitlines()[-1:]}
+                continue
+            import xarray as xr
+
+            attrs = xr.open_zarr(store).attrs
+            # the CLI's summary: "sweep NAME: N runs (...)" and "compile S s (P programs), ..."
+            runs = re.search(r": (\d+) runs", r.stdout)
+            programs = re.search(r"\((\d+) programs?\)", r.stdout)
+            out[form] = {
+                "compile_seconds": float(attrs["compile_seconds"]),
+                "run_seconds": float(attrs["run_seconds"]),
+                "programs": int(programs.group(1)) if programs else None,
+                "runs": int(runs.group(1)) if runs else None,
+                "process_wall_seconds": wall,
+            }
+    return out
+
+
+def _print_cold_table(d: dict) -> None:
+    print(f"{d['sweep']} from nothing (new process, empty cache; target: compile < 5 s)")
+    for form, row in d.items():
+        if form == "sweep":
+            continue
+        if "error" in row:
+            print(f"  conv {form:<5} failed: {row['error']}")
+            continue
+        print(
+            f"  conv {form:<5} compile {row['compile_seconds']:6.2f} s ({row['programs']} "
+            f"programs), run {row['run_seconds']:6.2f} s, process {row['process_wall_seconds']:6.2f} s"
+        )
+
+
 def end_to_end(res, specs, counter) -> dict:
     """The sweep as `python -m sweeps run` does it, into a temporary store, cold cache."""
     from sweeps import runner
@@ -892,6 +958,8 @@ def main(argv=None) -> int:
         report["conv"] = conv_grid(args, counter, cache, peak)
     if args.only in (None, "depth"):
         report["depth_compile"] = depth_compile()
+    if args.only in (None, "cold"):
+        report["sweep_cold"] = sweep_cold()
 
     report["xla_compilations_total"] = counter.count
     report["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -909,6 +977,8 @@ def main(argv=None) -> int:
         _print_conv_table(report)
     if "depth_compile" in report:
         _print_depth_table(report["depth_compile"])
+    if "sweep_cold" in report:
+        _print_cold_table(report["sweep_cold"])
     print(f"[bench] wrote {path}")
     if args.readme:
         saved = save_figures(report, ROOT / "docs" / "bench.json")
@@ -919,7 +989,7 @@ def main(argv=None) -> int:
 
 # --------------------------------------------------------------------------- README table
 
-PARTS = ("dense", "conv", "depth")
+PARTS = ("dense", "conv", "depth", "cold")
 
 
 def _part_figures(report: dict, part: str) -> dict | None:
@@ -948,6 +1018,8 @@ def _part_figures(report: dict, part: str) -> dict | None:
         )
     if part == "depth" and "depth_compile" in report:
         return dict(meta, ratios=report["depth_compile"])
+    if part == "cold" and "sweep_cold" in report:
+        return dict(meta, **report["sweep_cold"])
     return None
 
 
@@ -999,6 +1071,17 @@ def readme_table(saved: dict) -> str:
                     f"| depth 10 -> 100, {model}, {how} | compile time ratio | "
                     f"{row['ratio']:.2f}x | {target} | {where(fig)} |"
                 )
+    fig = saved.get("cold")
+    if fig is not None:
+        for form, row in fig.items():
+            if not isinstance(row, dict) or "compile_seconds" not in row:
+                continue
+            label = f"{fig['sweep']} from nothing, conv {form}"
+            rows += [
+                f"| {label} | compile, {row['programs']} programs | "
+                f"{row['compile_seconds']:.1f} s | < 5 s | {where(fig)} |",
+                f"| {label} | run | {row['run_seconds']:.1f} s | - | {where(fig)} |",
+            ]
     return "\n".join(rows)
 
 

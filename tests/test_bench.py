@@ -57,6 +57,20 @@ def test_readme_table_keeps_each_parts_latest_figures(tmp_path):
     assert "| 4-layer CNN (256 runs) | useful FLOP/s / matmul peak | 27% | >= 40% |" in table
     assert "| 1.64x | >= 1.5x |" in table and "| 1.02x | <= 1.15x |" in table
     assert "| depth 10 -> 100, mlp, stacked | compile time ratio | 3.50x | <= 1.5x |" in table
+    cold = {
+        "device": dev,
+        "sweep_cold": {
+            "sweep": "channel_norm_depth",
+            "auto": {"compile_seconds": 20.1, "run_seconds": 7.4, "programs": 6},
+            "taps": {"error": ["boom"]},
+        },
+    }
+    saved = save_figures(cold, store)
+    assert set(saved) == {"conv", "depth", "cold"}
+    table = readme_table(saved)
+    assert "| channel_norm_depth from nothing, conv auto | compile, 6 programs | 20.1 s |" in table
+    assert "| channel_norm_depth from nothing, conv auto | run | 7.4 s |" in table
+    assert "conv taps" not in table  # a failed measurement gives no row
     readme = tmp_path / "README.md"
     readme.write_text("a\n<!-- bench -->\nold\n<!-- /bench -->\nb\n")
     update_readme(readme, table)

@@ -107,6 +107,84 @@ class Model(NamedTuple):
     forward: Callable[..., Forward] | None = None
     stochastic: bool = False
     init_stacked: Callable[[jax.Array], Any] | None = None
+    stack: Stack | None = None
+
+
+class Stack(NamedTuple):
+    """A model's uniform stack of identical layers, the part of it that its depth alone changes
+    (`Model.stack`; None: the model has none): layers first .. first + count - 1 (indices into
+    params), and `family`, what else fixes the model (the factory and every other argument,
+    hashable), so two models with equal families differ only in the stack's count.
+
+    Such models are one program at the deepest count (`masked_stack`): a run at count n < M
+    carries all M layers, the M - n past its n-th are skipped (`active_stack`: the stack's
+    layer carries h through unchanged) and start, and stay, at zero, and its other layers are
+    drawn from the keys the count-n model draws them from (`Model.init.from_keys`), so its
+    numbers are the count-n model's to float rounding (tests/test_depth_masking.py)."""
+
+    family: tuple
+    first: int
+    count: int
+
+
+def masked_stack(models: Sequence[Model]) -> Model | None:
+    """The deepest of `models` when all of them have a `Stack` of one family and keys-drawn
+    inits (`init.from_keys`), so each is that model with its stack cut short (`active_stack`);
+    else None."""
+    stacks = [getattr(m, "stack", None) for m in models]
+    if not models or any(st is None for st in stacks):
+        return None
+    if len({st.family for st in stacks}) != 1 or len({st.first for st in stacks}) != 1:
+        return None
+    if any(getattr(m.init, "from_keys", None) is None for m in models):
+        return None
+    return max(models, key=lambda m: m.stack.count)
+
+
+# (first, count, n) of the stack being cut short while a model is traced (`active_stack`)
+_ACTIVE: list[tuple[int, int, Any]] = []
+
+
+class active_stack:
+    """Trace a model with `Stack` `stack` as if its stack held only its first `n` layers (n: a
+    traced int; negative, or n >= stack.count: every layer): those past them leave h (and
+    their state) unchanged. Read by the models' layer loops at trace time."""
+
+    def __init__(self, stack: Stack | None, n):
+        self.entry = None if stack is None else (stack.first, stack.count, n)
+
+    def __enter__(self):
+        if self.entry is not None:
+            _ACTIVE.append(self.entry)
+        return self
+
+    def __exit__(self, *exc):
+        if self.entry is not None:
+            _ACTIVE.pop()
+        return False
+
+
+def stack_absent(stack: Stack, n, n_layers: int) -> jax.Array:
+    """(n_layers,) bool: the layers a run cut to `n` of its stack's layers skips (n < 0: none)."""
+    k = jnp.arange(n_layers)
+    n = jnp.where(n >= 0, jnp.minimum(n, stack.count), stack.count)
+    return (k >= stack.first + n) & (k < stack.first + stack.count)
+
+
+def _live(offset: int, count: int):
+    """(count,) bool of the layers offset .. offset + count - 1 that run (None: no stack is cut
+    short)."""
+    if not _ACTIVE:
+        return None
+    first, total, n = _ACTIVE[-1]
+    return ~stack_absent(Stack((), first, total), n, offset + count)[offset:]
+
+
+def _keep(live, new, old):
+    """new where the layer runs, old where it is skipped (live None: new)."""
+    if live is None or old is None:
+        return new
+    return jax.tree.map(lambda a, b: jnp.where(live, a, b), new, old)
 
 
 def stacked_init(model: Model):
@@ -446,7 +524,7 @@ def _unstack(tree, n: int) -> list:
     return [jax.tree.map(lambda a, i=i: a[i], tree) for i in range(n)]
 
 
-def _run_layers(step, h, params, states, keys, scan: bool = True):
+def _run_layers(step, h, params, states, keys, scan: bool = True, offset: int = 0):
     """(h, new states) after the layers i = 0..n-1 in order, each (h, s_i') = step(keys[i],
     params[i], s_i, h) with s_i = states[i] (states None: every s_i is None).
 
@@ -458,11 +536,13 @@ def _run_layers(step, h, params, states, keys, scan: bool = True):
     scan too. The numbers are the unrolled layers' to float rounding (XLA fuses across layers
     only when they are unrolled). The caller's keys must make a layer keep the shape of h inside
     a run; a body whose output dtype differs from its input's (mixed precisions) is unrolled.
-    scan=False unrolls every layer."""
+    scan=False unrolls every layer. Under `active_stack` the layers a run skips (params[k] is
+    the model's layer offset + k) carry h and their state through unchanged."""
     n = len(params)
     ss = [None] * n if states is None else list(states)
+    live = _live(offset, n)
     if isinstance(params, _stacks.LayerList):
-        return _run_stacked(step, h, params, ss, keys, scan, states is None)
+        return _run_stacked(step, h, params, ss, keys, scan, states is None, live)
     new: list = []
     i = 0
     while i < n:
@@ -476,10 +556,13 @@ def _run_layers(step, h, params, states, keys, scan: bool = True):
 
             def body(h, ps, key=key):
                 h2, s2 = step(key, ps[0], ps[1], h)
-                return h2, s2
+                if ps[2] is None:
+                    return h2, s2
+                return _keep(ps[2], h2, h), _keep(ps[2], s2, ps[1])
 
+            m = None if live is None else live[i:j]
             try:
-                h, s_new = lax.scan(body, h, (_stack(params[i:j]), _stack(ss[i:j])))
+                h, s_new = lax.scan(body, h, (_stack(params[i:j]), _stack(ss[i:j]), m))
             except TypeError:  # the body changes h's type (a promotion): unroll these layers
                 j = i + 1
             else:
@@ -487,13 +570,16 @@ def _run_layers(step, h, params, states, keys, scan: bool = True):
                 i = j
                 continue
         for k in range(i, j):
-            h, s = step(keys[k], params[k], ss[k], h)
+            h2, s = step(keys[k], params[k], ss[k], h)
+            if live is not None:
+                h2, s = _keep(live[k], h2, h), _keep(live[k], s, ss[k])
+            h = h2
             new.append(s)
         i = j
     return h, new
 
 
-def _run_stacked(step, h, params, ss, keys, scan, stateless):
+def _run_stacked(step, h, params, ss, keys, scan, stateless, live=None):
     """`_run_layers` over a `stacks.LayerList`: a segment's layers of equal keys and states
     scan over the segment's own stacked arrays (a contiguous part of them: one slice per leaf),
     so nothing is stacked or unstacked per layer; other layers run one by one."""
@@ -515,10 +601,14 @@ def _run_stacked(step, h, params, ss, keys, scan, stateless):
                 )
 
                 def body(h, ps, key=key):
-                    return step(key, ps[0], ps[1], h)
+                    h2, s2 = step(key, ps[0], ps[1], h)
+                    if ps[2] is None:
+                        return h2, s2
+                    return _keep(ps[2], h2, h), _keep(ps[2], s2, ps[1])
 
+                m = None if live is None else live[off + i : off + j]
                 try:
-                    h, s_new = lax.scan(body, h, (part, _stack(ss[off + i : off + j])))
+                    h, s_new = lax.scan(body, h, (part, _stack(ss[off + i : off + j]), m))
                 except TypeError:  # the body changes h's type (a promotion): unroll
                     j = i + 1
                 else:
@@ -527,7 +617,10 @@ def _run_stacked(step, h, params, ss, keys, scan, stateless):
                     continue
             for m in range(i, j):
                 p = jax.tree.map(lambda a, m=m: a[m], seg)
-                h, s = step(keys[off + m], p, ss[off + m], h)
+                h2, s = step(keys[off + m], p, ss[off + m], h)
+                if live is not None:
+                    h2, s = _keep(live[off + m], h2, h), _keep(live[off + m], s, ss[off + m])
+                h = h2
                 new.append(s)
             i = j
         off += count
@@ -541,12 +634,13 @@ def _layer_inits(layers):
     by init_stacked as one vmapped call over their keys: the same numbers as init's one by one."""
     n = len(layers)
 
-    def init(key):
-        keys = jax.random.split(key, n)
+    def init_from_keys(keys):
         return [make(keys[k]) for k, (_, make) in enumerate(layers)]
 
-    def init_stacked(key):
-        keys = jax.random.split(key, n)
+    def init(key):
+        return init_from_keys(jax.random.split(key, n))
+
+    def stacked_from_keys(keys):
         segs, counts = [], []
         i = 0
         while i < n:
@@ -564,11 +658,18 @@ def _layer_inits(layers):
             i = j
         return _stacks.LayerList(segs, counts)
 
+    def init_stacked(key):
+        return stacked_from_keys(jax.random.split(key, n))
+
+    # layer k drawn from keys[k]: a model whose stack is cut short draws the layers after it
+    # from the keys the shallower model draws them from (`Stack`)
+    init.from_keys = init_from_keys
+    init_stacked.from_keys = stacked_from_keys
     init_stacked.source = init
     return init, init_stacked
 
 
-def _model(init_fn, run, init_state_fn=None, dense=None, init_stacked=None) -> Model:
+def _model(init_fn, run, init_state_fn=None, dense=None, init_stacked=None, stack=None) -> Model:
     """A Model from `run(params, state, x, mask, train) -> Forward` (state None: not tracked)."""
 
     def apply_features(params, x, mask=None):
@@ -586,6 +687,7 @@ def _model(init_fn, run, init_state_fn=None, dense=None, init_stacked=None) -> M
         init_state_fn,
         fwd if init_state_fn is not None else None,
         init_stacked=init_stacked,
+        stack=stack,
     )
 
 
@@ -675,7 +777,14 @@ def mlp(
 
     plain = norm is None and weight_param == "plain"
     dense = Dense(widths, activation, bias, tuple(mults)) if plain else None
-    return _model(init_fn, run, init_state_fn if _stateful(nc) else None, dense, init_stacked)
+    stack = None
+    if plain and n_layers >= 2 and len(set(widths[1:-1])) == 1:
+        # the hidden layers 1 .. L-2 of width w; a skipped one starts at zero (masked_stack)
+        family = ("mlp", widths[0], widths[1], widths[-1], activation, bias, cfg, scan)
+        stack = Stack(family, 1, n_layers - 2)
+    return _model(
+        init_fn, run, init_state_fn if _stateful(nc) else None, dense, init_stacked, stack
+    )
 
 
 def deep_linear(widths: Sequence[int], **kwargs) -> Model:
@@ -766,7 +875,14 @@ def linear_conv1d(
         y = _conv(params[-1], h, c_head, 1, padding)
         return Forward(jax.nn.sigmoid(y) if head == "sigmoid" else y, h, state)
 
-    return _model(init_fn, run, init_stacked=init_stacked)
+    stack = None
+    # the blocks, when a skipped one (all zeros, `masked_stack`) has finite gradients: plain
+    # weights, and a normalization whose spread keeps eps inside its square root
+    if weight_param == "plain" and (norm != "channel" or channel_form != "std"):
+        family = ("linear_conv1d", kernel, channels, padding, norm, channel_form, norm_bias)
+        family += (bias, head, head_bias, c_out, eps, cfg, scan)
+        stack = Stack(family, 0, n_blocks)
+    return _model(init_fn, run, init_stacked=init_stacked, stack=stack)
 
 
 def deep_decoder(

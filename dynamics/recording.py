@@ -77,10 +77,15 @@ class Observable(NamedTuple):
     of a record interval by `reduce` ("mean", "sum", "min", "max", "first", "last"); dims: names of the
     output's axes ("layer" for one entry per layer; any other name gets the output's length);
     costly: computed every `slow_every` records only; doc: one line stored as its description.
+    layerwise: its value at a run cut to part of its model's stack (`models.active_stack`: the
+    skipped layers all zeros, with zero gradients) is the shallower model's, as for a function
+    of the output, a per-layer value (dims "layer": the skipped entries become NaN) or a sum
+    over layers of terms that vanish at a zero layer; the runner then trains runs of several
+    depths in one program (`train.masking_refusal`).
     fn must be pure and jit/vmap-safe; its output is cast to float32 (float64 in float64 runs).
     Two Observables are
     equal when they record the same thing under the same name (name, dims, kind, tier,
-    reduction): a config may build its Observable inside `build()`, once per static point.
+    reduction, layerwise): a config may build its Observable inside `build()`, once per static point.
     """
 
     name: str
@@ -90,12 +95,13 @@ class Observable(NamedTuple):
     costly: bool = False
     reduce: str = "mean"
     doc: str = ""
+    layerwise: bool = False
 
     def info(self) -> ObservableInfo:
         return ObservableInfo(tuple(self.dims), self.kind, self.costly, self.doc or self.name)
 
     def _key(self):
-        return (self.name, tuple(self.dims), self.kind, self.costly, self.reduce)
+        return (self.name, tuple(self.dims), self.kind, self.costly, self.reduce, self.layerwise)
 
     def __eq__(self, other):
         return isinstance(other, Observable) and self._key() == other._key()

@@ -43,7 +43,9 @@ class Hparams(NamedTuple):
 
     batch_size is the true batch size of a masked batch (see `train.make_run`); 0, the default,
     means the spec's whole static batch. init_scale multiplies every layer's weight at
-    initialization.
+    initialization. stack_depth cuts the model's uniform stack (`models.Stack`) to its first
+    stack_depth layers, as the runner does for runs of several depths that share one program
+    (`models.masked_stack`); -1, the default, keeps the model's own depth.
     """
 
     lr: Any = 0.1
@@ -51,9 +53,11 @@ class Hparams(NamedTuple):
     batch_size: Any = 0
     momentum: Any = 0.0
     init_scale: Any = 1.0
+    stack_depth: Any = -1
 
 
 HPARAM_FIELDS = Hparams._fields
+INT_FIELDS = ("batch_size", "stack_depth")  # int32; every other field float32
 
 
 class Batch(NamedTuple):

@@ -36,6 +36,7 @@ above the static batch) is marked invalid (status 3) and records NaN.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -61,7 +62,7 @@ from dynamics.recording import (  # noqa: F401  (re-exported: the registry's hom
     StepContext,
     resolve_observables,
 )
-from dynamics.steps import Batch, Hparams, Stepper
+from dynamics.steps import INT_FIELDS, Batch, Hparams, Stepper
 
 SAMPLINGS = ("replacement", "permutation", "full", "epochs")
 GRADIENTS = ("auto", "autodiff")
@@ -380,7 +381,7 @@ def as_hparams(hp) -> Hparams:
         hp = Hparams(**hp)
     return Hparams(
         *[
-            jnp.asarray(v, jnp.int32 if f == "batch_size" else jnp.float32)
+            jnp.asarray(v, jnp.int32 if f in INT_FIELDS else jnp.float32)
             for f, v in zip(Hparams._fields, hp, strict=True)
         ]
     )
@@ -406,7 +407,7 @@ def hparams(**fields) -> Hparams:
     for f in Hparams._fields:
         v = np.atleast_1d(fields.get(f, getattr(defaults, f)))
         v = np.broadcast_to(v, (n,))
-        out[f] = jnp.asarray(v, jnp.int32 if f == "batch_size" else jnp.float32)
+        out[f] = jnp.asarray(v, jnp.int32 if f in INT_FIELDS else jnp.float32)
     return Hparams(**out)
 
 
@@ -824,7 +825,104 @@ def _check_key(key) -> None:
         )
 
 
-def make_run(spec: RunSpec, *, start: int = 0) -> Callable:
+def _masked_init(model, n, key, stacked: bool, n_layers: int):
+    """The params of a run cut to `n` layers of the model's stack (`make_run(stack_mask=True)`):
+    every layer before the stack's n-th and after the stack drawn from the key the model with
+    an n-layer stack draws it from (layer k of a model of n_k layers takes the k-th of
+    split(key, n_k), the same key whatever n_k), the skipped layers zeros."""
+    st = model.stack
+    k = jnp.arange(n_layers)
+    full = jnp.where(n >= 0, jnp.minimum(n, st.count), st.count)
+    idx = jnp.where(k >= st.first + st.count, k - (st.count - full), k)
+    keys = jax.random.split(key, n_layers)
+    keys = jax.random.wrap_key_data(jax.random.key_data(keys)[idx], impl=jax.random.key_impl(keys))
+    absent = _models.stack_absent(st, n, n_layers)
+    if stacked:
+        params = _models.stacked_init(model).from_keys(keys)
+        segs, off = [], 0
+        for seg, count in params.runs():
+            gone = absent[off : off + count]
+            segs.append(
+                jax.tree.map(
+                    lambda a, g=gone: jnp.where(g.reshape((-1,) + (1,) * (a.ndim - 1)), 0, a),
+                    seg,
+                )
+            )
+            off += count
+        return _stacks.LayerList(segs, params.counts)
+    params = model.init.from_keys(keys)
+    return [
+        jax.tree.map(lambda a, g=absent[i]: jnp.where(g, 0, a), p) for i, p in enumerate(params)
+    ]
+
+
+# Observables whose value at a run cut to part of its stack (`models.active_stack`) equals the
+# shallower model's: functions of the network's output, per-layer values (the skipped layers'
+# entries are NaN), and sums over layers to which a skipped layer (all zeros, zero gradient)
+# adds nothing. Everything else (products of layer norms, margins normalized by them, pairs of
+# adjacent layers, sharpness's random start vector, neural collapse) keeps one program per
+# depth; a user's observable joins with `Observable(..., layerwise=True)`.
+MASKABLE = frozenset(
+    {
+        "loss",
+        "accuracy",
+        "test_loss",
+        "test_accuracy",
+        "batch_loss",
+        "layer_norm",
+        "grad_norm",
+        "grad_norm_weight",
+        "grad_cos",
+        "grad_cos_global",
+        "sv",
+        "rank",
+        "stable_rank",
+        "dist_layer",
+    }
+)
+
+
+def _stepper_parts(stepper) -> tuple[Callable, dict]:
+    f, kw = stepper, {}
+    while isinstance(f, functools.partial):
+        kw = {**f.keywords, **kw}
+        f = f.func
+    return f, kw
+
+
+def masking_refusal(spec: RunSpec) -> str | None:
+    """Why runs of the spec cannot be cut to part of their model's stack
+    (`make_run(spec, stack_mask=True)`), or None when they can: the model has a `models.Stack`
+    whose layers are drawn from keys, the gradient is autodiff's (the compiled MLP gradient
+    runs every layer), the optimizer treats every weight on its own (sgd, gd, adam without
+    per-layer factors), and every observable is in MASKABLE or a user's layerwise one."""
+    model = spec.model
+    if getattr(model, "stack", None) is None:
+        return "the model has no uniform stack of layers (models.Stack)"
+    if getattr(model.init, "from_keys", None) is None:
+        return "the model's init does not draw its layers from keys (init.from_keys)"
+    if dense_gradient(spec):
+        return "the compiled MLP gradient runs every layer (gradient='autodiff' masks)"
+    f, kw = _stepper_parts(spec.stepper)
+    if f not in (_steps.sgd, _steps.gd, _steps.adam) or any(
+        kw.get(k) is not None for k in ("decay_mask", "lr_scale")
+    ):
+        return "the optimizer is not sgd, gd or adam without per-layer factors"
+    if spec.keep_state:
+        return "final states are kept (their shapes follow the depth)"
+    if spec.rank_layers is not None:
+        return "rank_layers names layers by index"
+    names, user = _rec.split_observables(spec.observables)
+    for n in names:
+        if n in user:
+            if not getattr(user[n], "layerwise", False):
+                return f"observable {n!r} is not marked layerwise (Observable(layerwise=True))"
+        elif n not in MASKABLE:
+            return f"observable {n!r} depends on every layer at once"
+    return None
+
+
+def make_run(spec: RunSpec, *, start: int = 0, stack_mask: bool = False) -> Callable:
     """Build `run(hp, key, data=None, init=None) -> trace` for a spec.
 
     hp: `Hparams` of scalars (arrays or numbers; vmap `run` for a grid); key: a PRNG key, split
@@ -842,8 +940,17 @@ def make_run(spec: RunSpec, *, start: int = 0) -> Callable:
     passed as `init` (a "final_state" of a run of the same spec trained for that length): the
     trace then holds the records after `start` only and equals the corresponding records of a
     run trained from the beginning (the schedule must not depend on the total length).
+
+    stack_mask: each run's `hp.stack_depth` (0 .. the model's `Stack.count`; -1: all) cuts the
+    model's uniform stack to that many layers (`models.active_stack`; the skipped layers start
+    at zero and carry h through), so one program trains runs of several depths, each equal to
+    a run of the shallower model (`models.masked_stack`) to float rounding; the skipped layers'
+    entries of every per-layer record are NaN. The spec must allow it (`masking_refusal`).
+    Without it a run whose hp.stack_depth is not -1 is invalid (status 3).
     """
     spec.validate()
+    if stack_mask and (why := masking_refusal(spec)) is not None:
+        raise ValueError(f"stack_mask: {why}")
     names, user = _rec.split_observables(spec.observables)
     model = spec.model
     loss = _losses.resolve(spec.loss)
@@ -896,7 +1003,10 @@ def make_run(spec: RunSpec, *, start: int = 0) -> Callable:
     param_dtype = _rec.record_dtype(spec)  # float32 master weights under half precision
 
     def initial_params(hp, k_init, stacked=False):
-        params = _models.stacked_init(model)(k_init) if stacked else model.init(k_init)
+        if stack_mask:
+            params = _masked_init(model, hp.stack_depth, k_init, stacked, n_layers)
+        else:
+            params = _models.stacked_init(model)(k_init) if stacked else model.init(k_init)
         params = scale_weights(params, hp.init_scale)
         # the spec's dtype whatever the process's default (a model's init draws float64 under
         # jax_enable_x64, which a float64 sweep earlier in the process turns on)
@@ -939,10 +1049,24 @@ def make_run(spec: RunSpec, *, start: int = 0) -> Callable:
     stats.user_shapes = user_shapes()
 
     def run(hp, key, data: RunData | None = None, init: RunState | None = None):
-        data = default_data if data is None else data
         hp = as_hparams(hp)
         _check_hparams(hp)
         _check_key(key)
+        if not stack_mask:
+            return run_body(hp, key, data, init)
+        with _models.active_stack(model.stack, hp.stack_depth):
+            trace = run_body(hp, key, data, init)
+        absent = _models.stack_absent(model.stack, hp.stack_depth, n_layers)
+        for n, dims in layer_dims.items():
+            k = 1 + dims.index("layer")  # after the record axis
+            skip = absent.reshape((1,) * k + (-1,) + (1,) * (trace[n].ndim - k - 1))
+            trace[n] = jnp.where(skip, jnp.nan, trace[n])
+        return trace
+
+    layer_dims = {n: _rec.info(n, user).dims for n in names if "layer" in _rec.info(n, user).dims}
+
+    def run_body(hp, key, data, init):
+        data = default_data if data is None else data
         if isinstance(hp.batch_size, jax.Array) and not isinstance(hp.batch_size, jax.core.Tracer):
             bs = int(hp.batch_size)
             if bs < 0 or bs > B or (epochs_mode and bs not in (0, B)):
@@ -955,6 +1079,10 @@ def make_run(spec: RunSpec, *, start: int = 0) -> Callable:
                     )
                 )
         invalid = (hp.batch_size < 0) | (hp.batch_size > B)
+        if stack_mask:
+            invalid = invalid | (hp.stack_depth < -1) | (hp.stack_depth > model.stack.count)
+        else:
+            invalid = invalid | (hp.stack_depth != -1)
         if epochs_mode:
             invalid = invalid | ((hp.batch_size != 0) & (hp.batch_size != B))
         k_init, k_data = jax.random.split(key)

@@ -44,7 +44,9 @@ from typing import Any
 
 from dynamics.steps import HPARAM_FIELDS
 
-GRID_AXES = ("seed",) + HPARAM_FIELDS  # seed, lr, weight_decay, batch_size, momentum, init_scale
+# seed, lr, weight_decay, batch_size, momentum, init_scale; stack_depth is the runner's own
+# (a run's depth when runs of several depths share one program, `Sweep.depth_strategy`)
+GRID_AXES = ("seed",) + tuple(f for f in HPARAM_FIELDS if f != "stack_depth")
 STORE_ORDER = ("seed", "lr", "batch_size", "weight_decay", "momentum", "init_scale")
 INT_AXES = {"seed", "batch_size"}
 BATCH_STRATEGIES = ("auto", "bucket", "mask")

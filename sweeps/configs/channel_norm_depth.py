@@ -78,6 +78,7 @@ def grad_at_interval_start(record_every):
         kind="step",
         reduce="first",
         doc="||dL/dW_k|| of the first step of the record interval (record 1: at init)",
+        layerwise=True,  # one entry per layer: depths share one program (depth_strategy)
     )
 
 

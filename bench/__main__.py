@@ -25,10 +25,11 @@ multiplies the seeds of both, --only dense|conv|depth|cold measures one part:
                 default for an autodiff gradient), as a list, and (the MLP) unrolled and with
                 the compiled CPU gradient kernel: the ratio depth 100 / depth 10 is the target
                 (at most 1.5 stacked; --only depth).
-  cold          P4's gradient sweep (sweeps/configs/channel_norm_depth.py, 6 programs) as a
-                user runs it from nothing: a new process, an empty cache, compile and run
-                seconds, with the runner's convolution choice and with shifted taps, the
-                choice before XLA's convolution measured faster there (--only cold).
+  cold          P4's gradient sweep (sweeps/configs/channel_norm_depth.py: depths 5, 10, 30 x
+                2 norms) as a user runs it from nothing: a new process, an empty cache,
+                compile and run seconds, one program per depth against the depths masked into
+                one program (depth_strategy), at 3000 and 300 steps, and with shifted taps, the
+                convolution chosen there before XLA's was measured faster (--only cold).
 
 The conv grid reports the same figures (under "conv" in the JSON, with its targets as
 conv.fraction_of_peak, conv.vectorized_over_loop, conv.observables_overhead), except that its
@@ -557,34 +558,43 @@ def warm_compile(cache: str, sweep: str = "reference", sets=()) -> dict:
         }
 
 
-COLD_SWEEP = "channel_norm_depth"  # P4's gradient sweep: 6 small programs (3 depths x 2 norms)
-COLD_FORMS = (
-    "auto",
-    "taps",
-)  # the runner's convolution choice, and the shifted taps it made before
+COLD_SWEEP = "channel_norm_depth"  # P4's gradient sweep: 3 depths x 2 norms, 192 runs
+# variant -> (environment, --set overrides): one program per depth and the depths masked into
+# one program per norm, at the sweep's 3000 steps and at 300; and the shifted-taps
+# convolution the runner chose for these single-channel convs before XLA's was measured faster
+COLD_VARIANTS = {
+    "programs": ({}, ("depth_strategy=program",)),
+    "masked": ({}, ("depth_strategy=mask",)),
+    "programs, 300 steps": ({}, ("depth_strategy=program", "steps=300")),
+    "masked, 300 steps": ({}, ("depth_strategy=mask", "steps=300")),
+    "programs, taps": ({"DYNAMICS_CONV": "taps"}, ("depth_strategy=program",)),
+}
 
 
-def sweep_cold(sweep: str = COLD_SWEEP, forms=COLD_FORMS) -> dict:
+def sweep_cold(sweep: str = COLD_SWEEP, variants=None) -> dict:
     """The sweep as a user runs it from nothing: `python -m sweeps run` in a new process with an
-    empty persistent cache, once per convolution formulation of `forms` (`DYNAMICS_CONV`;
-    "auto" is the runner's own choice); per form the store's compile and run seconds, its
-    number of programs and the process's wall time."""
+    empty persistent cache, once per variant of `variants` (COLD_VARIANTS: name -> (environment,
+    --set overrides)); per variant the store's compile and run seconds, its number of programs
+    and the process's wall time."""
+    variants = COLD_VARIANTS if variants is None else variants
     out = {"sweep": sweep}
-    for form in forms:
+    for name, (extra_env, sets) in variants.items():
         with tempfile.TemporaryDirectory() as d:
             store = os.path.join(d, "cold.zarr")
             env = {
                 **os.environ,
                 "DYNAMICS_CACHE_DIR": os.path.join(d, "cache"),
-                "DYNAMICS_CONV": form,
                 "PYTHONPATH": str(ROOT),
+                **extra_env,
             }
             cmd = [sys.executable, "-m", "sweeps", "run", sweep, "--out", store, "--quiet"]
+            for item in sets:
+                cmd += ["--set", item]
             t = time.perf_counter()
             r = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
             wall = time.perf_counter() - t
             if r.returncode:
-                out[form] = {"error": r.stderr.strip().splitlines()[-1:]}
+                out[name] = {"error": r.stderr.strip().splitlines()[-1:]}
                 continue
             import xarray as xr
 
@@ -592,7 +602,7 @@ def sweep_cold(sweep: str = COLD_SWEEP, forms=COLD_FORMS) -> dict:
             # the CLI's summary: "sweep NAME: N runs (...)" and "compile S s (P programs), ..."
             runs = re.search(r": (\d+) runs", r.stdout)
             programs = re.search(r"\((\d+) programs?\)", r.stdout)
-            out[form] = {
+            out[name] = {
                 "compile_seconds": float(attrs["compile_seconds"]),
                 "run_seconds": float(attrs["run_seconds"]),
                 "programs": int(programs.group(1)) if programs else None,
@@ -604,15 +614,16 @@ def sweep_cold(sweep: str = COLD_SWEEP, forms=COLD_FORMS) -> dict:
 
 def _print_cold_table(d: dict) -> None:
     print(f"{d['sweep']} from nothing (new process, empty cache; target: compile < 5 s)")
-    for form, row in d.items():
-        if form == "sweep":
+    for name, row in d.items():
+        if name == "sweep":
             continue
         if "error" in row:
-            print(f"  conv {form:<5} failed: {row['error']}")
+            print(f"  {name:<20} failed: {row['error']}")
             continue
         print(
-            f"  conv {form:<5} compile {row['compile_seconds']:6.2f} s ({row['programs']} "
-            f"programs), run {row['run_seconds']:6.2f} s, process {row['process_wall_seconds']:6.2f} s"
+            f"  {name:<20} compile {row['compile_seconds']:6.2f} s ({row['programs']} programs), "
+            f"run {row['run_seconds']:6.2f} s, total {row['compile_seconds'] + row['run_seconds']:6.2f}"
+            f" s, process {row['process_wall_seconds']:6.2f} s"
         )
 
 
@@ -1076,7 +1087,7 @@ def readme_table(saved: dict) -> str:
         for form, row in fig.items():
             if not isinstance(row, dict) or "compile_seconds" not in row:
                 continue
-            label = f"{fig['sweep']} from nothing, conv {form}"
+            label = f"{fig['sweep']} from nothing, {form}"
             rows += [
                 f"| {label} | compile, {row['programs']} programs | "
                 f"{row['compile_seconds']:.1f} s | < 5 s | {where(fig)} |",

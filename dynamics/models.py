@@ -28,6 +28,7 @@ Parameterization (`parameterization=`):
 
 from __future__ import annotations
 
+import contextvars
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -141,8 +142,9 @@ def masked_stack(models: Sequence[Model]) -> Model | None:
     return max(models, key=lambda m: m.stack.count)
 
 
-# (first, count, n) of the stack being cut short while a model is traced (`active_stack`)
-_ACTIVE: list[tuple[int, int, Any]] = []
+# (first, count, n) of the stack being cut short while a model is traced (`active_stack`), per
+# thread (the runner traces several programs at once)
+_ACTIVE: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("active_stack", default=None)
 
 
 class active_stack:
@@ -152,15 +154,14 @@ class active_stack:
 
     def __init__(self, stack: Stack | None, n):
         self.entry = None if stack is None else (stack.first, stack.count, n)
+        self.token = None
 
     def __enter__(self):
-        if self.entry is not None:
-            _ACTIVE.append(self.entry)
+        self.token = _ACTIVE.set(self.entry)
         return self
 
     def __exit__(self, *exc):
-        if self.entry is not None:
-            _ACTIVE.pop()
+        _ACTIVE.reset(self.token)
         return False
 
 
@@ -172,12 +173,24 @@ def stack_absent(stack: Stack, n, n_layers: int) -> jax.Array:
 
 
 def _live(offset: int, count: int):
-    """(count,) bool of the layers offset .. offset + count - 1 that run (None: no stack is cut
-    short)."""
-    if not _ACTIVE:
+    """Per layer offset .. offset + count - 1: None where it always runs (outside the stack
+    being cut short, or no stack is), else a traced bool, whether it runs; None: none is cut."""
+    entry = _ACTIVE.get()
+    if entry is None:
         return None
-    first, total, n = _ACTIVE[-1]
-    return ~stack_absent(Stack((), first, total), n, offset + count)[offset:]
+    first, total, n = entry
+    n = jnp.where(n >= 0, jnp.minimum(n, total), total)
+    return [
+        (k - first < n) if first <= k < first + total else None
+        for k in range(offset, offset + count)
+    ]
+
+
+def _live_array(live, i: int, j: int):
+    """The entries i..j-1 of `_live`'s list as one (j - i,) bool array (None: all run)."""
+    if live is None or all(x is None for x in live[i:j]):
+        return None
+    return jnp.stack([jnp.asarray(True) if x is None else x for x in live[i:j]])
 
 
 def _keep(live, new, old):
@@ -560,7 +573,7 @@ def _run_layers(step, h, params, states, keys, scan: bool = True, offset: int = 
                     return h2, s2
                 return _keep(ps[2], h2, h), _keep(ps[2], s2, ps[1])
 
-            m = None if live is None else live[i:j]
+            m = _live_array(live, i, j)
             try:
                 h, s_new = lax.scan(body, h, (_stack(params[i:j]), _stack(ss[i:j]), m))
             except TypeError:  # the body changes h's type (a promotion): unroll these layers
@@ -571,7 +584,7 @@ def _run_layers(step, h, params, states, keys, scan: bool = True, offset: int = 
                 continue
         for k in range(i, j):
             h2, s = step(keys[k], params[k], ss[k], h)
-            if live is not None:
+            if live is not None and live[k] is not None:
                 h2, s = _keep(live[k], h2, h), _keep(live[k], s, ss[k])
             h = h2
             new.append(s)
@@ -606,7 +619,7 @@ def _run_stacked(step, h, params, ss, keys, scan, stateless, live=None):
                         return h2, s2
                     return _keep(ps[2], h2, h), _keep(ps[2], s2, ps[1])
 
-                m = None if live is None else live[off + i : off + j]
+                m = _live_array(live, off + i, off + j)
                 try:
                     h, s_new = lax.scan(body, h, (part, _stack(ss[off + i : off + j]), m))
                 except TypeError:  # the body changes h's type (a promotion): unroll
@@ -618,7 +631,7 @@ def _run_stacked(step, h, params, ss, keys, scan, stateless, live=None):
             for m in range(i, j):
                 p = jax.tree.map(lambda a, m=m: a[m], seg)
                 h2, s = step(keys[off + m], p, ss[off + m], h)
-                if live is not None:
+                if live is not None and live[off + m] is not None:
                     h2, s = _keep(live[off + m], h2, h), _keep(live[off + m], s, ss[off + m])
                 h = h2
                 new.append(s)

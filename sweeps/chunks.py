@@ -82,15 +82,18 @@ def chunk_inputs(p: Plan, chunk: Chunk, n_pad: int, n_dev: int, runs=None):
     over its region, padded to n_pad and placed in `slot_order`."""
     import jax.numpy as jnp
 
-    from dynamics.steps import Hparams
+    from dynamics.steps import INT_FIELDS, Hparams
 
     grid_axes = p.res.grid_axes
-    offset = len(p.res.static_axes)
-    ranges = [range(s.start, s.stop) for s in chunk.region[offset:]]
-    rows = [
-        {a: p.coords[a][i] for a, i in zip(grid_axes, idx, strict=True)}
-        for idx in itertools.product(*ranges)
-    ]
+    depths = p.groups[chunk.group].stack_depths
+    k_mask = p.axes.index(p.mask_axis) if depths is not None else None
+    ranges = [range(s.start, s.stop) for s in chunk.region]  # static axes: one point each,
+    rows = []  # but the masked axis, along which each run takes its point's stack depth
+    for idx in itertools.product(*ranges):
+        row = {a: p.coords[a][i] for a, i in zip(p.axes, idx, strict=True) if a in grid_axes}
+        if k_mask is not None:
+            row["stack_depth"] = depths[idx[k_mask]]
+        rows.append(row)
     if runs is not None:
         rows = [rows[i] for i in runs]
     n = len(rows)
@@ -102,7 +105,7 @@ def chunk_inputs(p: Plan, chunk: Chunk, n_pad: int, n_dev: int, runs=None):
         if f == "batch_size" and f not in grid_axes:
             default = 0
         vals = [r.get(f, default) for r in rows]
-        fields[f] = jnp.asarray(vals, jnp.int32 if f == "batch_size" else jnp.float32)
+        fields[f] = jnp.asarray(vals, jnp.int32 if f in INT_FIELDS else jnp.float32)
     seeds = jnp.asarray([r["seed"] for r in rows], jnp.uint32)
     return Hparams(**fields), seeds, n
 

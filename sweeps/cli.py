@@ -41,7 +41,8 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="KEY=V[,V...]",
-        help="override a setting or grid axis (also batch_strategy, keep_params=true|false|auto)",
+        help="override a setting or grid axis (also batch_strategy, depth_strategy=auto|mask|program, "
+        "keep_params=true|false|auto)",
     )
     r.add_argument("--fresh", action="store_true", help="discard an existing store and start over")
     r.add_argument(

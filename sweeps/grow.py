@@ -100,6 +100,10 @@ def check(url: str, attrs: dict, res: Resolved, specs: list) -> Growth:
         raise refuse(f"the config's code differs in {', '.join(changed)}")
     if stored["batch_strategy"] != res.batch_strategy:
         raise refuse(f"batch_strategy {stored['batch_strategy']} -> {res.batch_strategy}")
+    if stored.get("depth_strategy", "auto") != res.depth_strategy:
+        raise refuse(
+            f"depth_strategy {stored.get('depth_strategy', 'auto')} -> {res.depth_strategy}"
+        )
     if res.keep_params and not layout.get("keep_state", False):
         raise refuse("keep_params: the store was created without final states")
 

@@ -179,4 +179,7 @@ def create_store(url: str, p: Plan, dist: Distributed) -> None:
 
 
 def layout_attr(p: Plan) -> dict:
-    return {"strategy": p.strategy, "block": p.block, "keep_state": p.keep_state}
+    out = {"strategy": p.strategy, "block": p.block, "keep_state": p.keep_state}
+    if p.mask_axis is not None:
+        out["mask_axis"] = p.mask_axis
+    return out

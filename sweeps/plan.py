@@ -13,6 +13,7 @@ at every depth of a store, and `layer_name` (a coordinate over `layer`) says whi
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
 from typing import Any
@@ -31,6 +32,9 @@ class Group:
     spec: Any  # RunSpec with the group's static batch (keep_state set when states are kept)
     n_layers: int = 0  # weight layers of the group's model
     n_static: int = 0  # leading entries of `index` that are static axes
+    # with a masked depth axis (`Plan.mask_axis`, index -1 there): each of its points' stack
+    # depth (`Hparams.stack_depth`), the group's program the deepest point's
+    stack_depths: tuple[int, ...] | None = None
 
     @property
     def static_index(self) -> tuple[int, ...]:
@@ -67,6 +71,7 @@ class Plan:
     )  # static index -> Template
     length: int = 0  # the runs' length: steps, or epochs when the record axis is "epoch"
     float_dtype: str = "float32"  # of the stored observables (float64 with precision float64)
+    mask_axis: str | None = None  # a static depth axis whose points share programs (masked)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -125,6 +130,118 @@ def choose_strategy(res: Resolved, specs) -> str:
     return "bucket"
 
 
+# "auto" masks a static depth axis when at most this share of the stack's layer passes are
+# skipped ones (the depths' mean / the deepest >= 1/2): P4's gradient sweep (depths 5, 10, 30:
+# one half skipped), from nothing on 2 CPU cores (`make bench --only cold`), took 26.9 s masked
+# (2 programs) against 33.4 s with a program per depth (6) at its 3000 steps, 12.5 s against
+# 23.0 s at 300: compile time saved against run time lost, which grows with the length (set
+# depth_strategy="program" for long runs of very different depths).
+MASK_WASTE_AUTO = 0.5
+
+
+def _same(a, b) -> bool:
+    """Whether two settings of a run spec are the same value: arrays by content, partials by
+    function and arguments, containers and dataclasses member by member, the rest by ==."""
+    if a is b:
+        return True
+    if isinstance(a, np.ndarray | np.generic) or isinstance(b, np.ndarray | np.generic):
+        return np.shape(a) == np.shape(b) and bool(np.array_equal(a, b))
+    if hasattr(a, "__jax_array__") or type(a).__name__ == "ArrayImpl":
+        return np.shape(a) == np.shape(b) and bool(np.array_equal(np.asarray(a), np.asarray(b)))
+    if isinstance(a, functools.partial):
+        return (
+            isinstance(b, functools.partial)
+            and _same(a.func, b.func)
+            and _same(a.args, b.args)
+            and _same(a.keywords, b.keywords)
+        )
+    if isinstance(a, tuple) and type(a).__eq__ is not tuple.__eq__:
+        return bool(a == b)  # its own equality (an Observable: what it records, not its code)
+    if isinstance(a, tuple | list):
+        return (
+            type(a) is type(b)
+            and len(a) == len(b)
+            and all(_same(x, y) for x, y in zip(a, b, strict=True))
+        )
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if dataclasses.is_dataclass(a) and not isinstance(a, type):
+        return type(a) is type(b) and all(
+            _same(getattr(a, f.name), getattr(b, f.name)) for f in dataclasses.fields(a)
+        )
+    try:
+        return bool(a == b)
+    except Exception:  # an object without a truth value for ==
+        return False
+
+
+def _lines(res: Resolved, specs, axis: str) -> list[tuple[tuple, list[int]]]:
+    """The static points along `axis`: per combination of the other static axes, its index
+    (-1 at `axis`) and the positions in `specs` (C order over the static axes) of its points."""
+    names = res.static_axes
+    static_index = list(itertools.product(*[range(len(v)) for v in res.static.values()]))
+    k = names.index(axis)
+    lines: dict[tuple, list[int]] = {}
+    for pos, idx in enumerate(static_index):
+        key = idx[:k] + (-1,) + idx[k + 1 :]
+        lines.setdefault(key, []).append(pos)
+    return list(lines.items())
+
+
+def _mask_refusal(res: Resolved, specs, axis: str) -> tuple[str | None, float]:
+    """(why the static `axis` cannot share programs by depth masking, or None; the share of
+    skipped layer passes when it can)."""
+    from dynamics.models import masked_stack
+    from dynamics.train import masking_refusal
+
+    if len(res.static[axis]) < 2:
+        return f"{axis} has one value", 0.0
+    skipped = total = 0
+    for _, positions in _lines(res, specs, axis):
+        line = [specs[i][1] for i in positions]
+        deep = masked_stack([s.model for s in line])
+        if deep is None:
+            return f"the models along {axis} differ in more than one uniform stack's depth", 0.0
+        for s in line:
+            for f in dataclasses.fields(s):
+                if f.name != "model" and not _same(getattr(s, f.name), getattr(line[0], f.name)):
+                    return f"the points along {axis} differ in {f.name}", 0.0
+        why = masking_refusal(dataclasses.replace(line[0], model=deep))
+        if why is not None:
+            return why, 0.0
+        counts = [s.model.stack.count for s in line]
+        skipped += sum(deep.stack.count - c for c in counts)
+        total += deep.stack.count * len(counts)
+    return None, skipped / max(total, 1)
+
+
+def choose_mask_axis(res: Resolved, specs, keep: bool) -> str | None:
+    """The static axis whose points share programs by depth masking (`Sweep.depth_strategy`):
+    "program" none; "mask" the axis whose points differ only in their model's stack depth
+    (`_mask_refusal`; a SpecError naming the reason if none can); "auto" that axis when masking
+    skips at most MASK_WASTE_AUTO of its stack's layer passes."""
+    strategy = res.depth_strategy
+    if strategy == "program" or not res.static_axes:
+        if strategy == "mask":
+            raise SpecError("depth_strategy: 'mask' needs a static axis of model depths")
+        return None
+    found, reasons = [], []
+    for axis in res.static_axes:
+        why, waste = _mask_refusal(res, specs, axis)
+        if why is None and keep:
+            why = "final states are kept (their shapes follow the depth)"
+        if why is None:
+            found.append((waste, axis))
+        else:
+            reasons.append(f"{axis}: {why}")
+    if strategy == "mask":
+        if not found:
+            raise SpecError(f"depth_strategy: 'mask' cannot share programs ({'; '.join(reasons)})")
+        return min(found)[1]
+    found = [(w, a) for w, a in found if w <= MASK_WASTE_AUTO]
+    return min(found)[1] if found else None
+
+
 def _block_shape(
     axes: list[str], shape: dict[str, int], fixed: set[str], target: int
 ) -> dict[str, int]:
@@ -171,26 +288,41 @@ def plan(
     static_index = list(itertools.product(*[range(len(v)) for v in res.static.values()])) or [()]
     keep, templates = _keep_states(res, specs, static_index, layout)
     ns = len(static_axes)
+    if layout:
+        mask_axis = layout.get("mask_axis")
+    else:
+        mask_axis = choose_mask_axis(res, specs, keep)
+    masked_lines = {}  # position of a line's deepest point -> (index, its points' depths)
+    if mask_axis is not None:
+        for idx, positions in _lines(res, specs, mask_axis):
+            counts = tuple(specs[i][1].model.stack.count for i in positions)
+            deepest = positions[int(np.argmax(counts))]
+            masked_lines[deepest] = (idx, counts)
 
     import jax
 
     from dynamics import observables as obs
 
     n_layers = n_sv = 0
-    for idx, (point, spec) in zip(static_index, specs, strict=True):
+    for pos, (idx, (point, spec)) in enumerate(zip(static_index, specs, strict=True)):
         shapes = jax.eval_shape(spec.model.init, jax.random.key(0))
         n, n_layers = len(shapes), max(n_layers, len(shapes))
         n_sv = max(n_sv, obs.max_singular_values(shapes))
+        depths = None
+        if mask_axis is not None:
+            if pos not in masked_lines:
+                continue  # trained by the program of its line's deepest point
+            idx, depths = masked_lines[pos]
         spec = dataclasses.replace(spec, keep_state=True) if keep else spec
         if bucket:
             for j, bs in enumerate(bs_values):
                 spec_j = dataclasses.replace(spec, batch=int(bs))
-                groups.append(Group(idx + (j,), point, spec_j, n, ns))
+                groups.append(Group(idx + (j,), point, spec_j, n, ns, depths))
         elif spec.sampling == "full":
-            groups.append(Group(idx, point, spec, n, ns))
+            groups.append(Group(idx, point, spec, n, ns, depths))
         else:
             spec_b = dataclasses.replace(spec, batch=int(max(bs_values)))
-            groups.append(Group(idx, point, spec_b, n, ns))
+            groups.append(Group(idx, point, spec_b, n, ns, depths))
     dims = describe(groups[0].spec)
     sizes = {record_axis: len(steps), "layer": n_layers, "sv_index": n_sv}
     sizes.update(_user_dim_sizes(groups, dims, sizes))
@@ -199,7 +331,7 @@ def plan(
         trace_floats += max(t.nbytes for t in templates.values()) // 4
 
     shape = {a: len(coords[a]) for a in axes}
-    fixed = set(static_axes) | ({"batch_size"} if bucket else set())
+    fixed = (set(static_axes) - {mask_axis}) | ({"batch_size"} if bucket else set())
     if layout:
         block = dict(layout["block"])
     else:
@@ -215,7 +347,7 @@ def plan(
         gidx = dict(zip(group_axes, g.index, strict=True))
         ranges = []
         for a in axes:
-            if a in gidx:
+            if a in gidx and gidx[a] >= 0:  # -1: the masked axis, the group's whole length
                 ranges.append([slice(gidx[a], gidx[a] + 1)])
             else:
                 n, b = shape[a], block[a]
@@ -245,6 +377,7 @@ def plan(
         templates,
         int(first.epochs if first.epochs is not None else first.steps),
         "float64" if f64 else "float32",
+        mask_axis,
     )
 
 

@@ -28,7 +28,14 @@ class Program:
     spec.keep_state the trace's "final_state" comes back flattened the same way."""
 
     def __init__(
-        self, spec, n_pad: int, mesh, key: str | None = None, start: int = 0, template=None
+        self,
+        spec,
+        n_pad: int,
+        mesh,
+        key: str | None = None,
+        start: int = 0,
+        template=None,
+        stack_mask: bool = False,
     ):
         import jax
         from jax.sharding import NamedSharding
@@ -37,7 +44,7 @@ class Program:
         from dynamics.train import make_run, run_data
         from sweeps import states as _states
 
-        run = make_run(spec, start=start)
+        run = make_run(spec, start=start, stack_mask=stack_mask)
         if start and template is None:
             raise ValueError("start: continuing runs needs their state template")
 
@@ -220,7 +227,8 @@ def prepare(p: Plan, chunks, mesh, code: str | None = None) -> tuple[list, int]:
             group = p.groups[c.group]
             key = None if code is None else program_key(p, group, n_pad, code, start)
             template = p.templates.get(group.static_index) if start else None
-            prog = Program(group.spec, n_pad, mesh, key=key, start=start, template=template)
+            masked = group.stack_depths is not None
+            prog = Program(group.spec, n_pad, mesh, key, start, template, stack_mask=masked)
             programs[(c.group, start)] = (prog, hp, seeds)
         inputs.append((c, programs[(c.group, start)][0], hp, seeds, n))
     todo = list(programs.values())
@@ -319,6 +327,7 @@ def program_key(p: Plan, group: Group, n_pad: int, code: str | None = None, star
             "settings": p.res.settings,
             "point": group.point,
             "batch": group.spec.batch,
+            **({"stack_depths": group.stack_depths} if group.stack_depths is not None else {}),
             "n_pad": n_pad,
             "devices": [d.device_kind for d in jax.local_devices()],
             "versions": package_versions(),

@@ -50,6 +50,7 @@ GRID_AXES = ("seed",) + tuple(f for f in HPARAM_FIELDS if f != "stack_depth")
 STORE_ORDER = ("seed", "lr", "batch_size", "weight_decay", "momentum", "init_scale")
 INT_AXES = {"seed", "batch_size"}
 BATCH_STRATEGIES = ("auto", "bucket", "mask")
+DEPTH_STRATEGIES = ("auto", "mask", "program")
 # Sweep(...) arguments that are data, compared as resolved values rather than as code; a
 # description or the keep_params choice changes no number.
 SWEEP_DATA_ARGS = ("name", "description", "settings", "grid", "static", "scales", "keep_params")
@@ -71,6 +72,10 @@ class Sweep:
     scales: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
     batch_strategy: str = "auto"
     source: str = ""
+    # How static points whose models differ only in the depth of a uniform stack share
+    # programs: "mask" (one program at the deepest, each run cut to its depth), "program" (one
+    # per depth) or "auto" (masking when it wastes little; `sweeps.plan.choose_mask_axis`).
+    depth_strategy: str = "auto"
     # Final run states (parameters, optimizer and model state) kept in the store: True, False,
     # or None (kept when they total at most `sweeps.plan.KEEP_STATE_AUTO_BYTES`).
     keep_params: bool | None = None
@@ -87,6 +92,7 @@ class Resolved:
     scale: str
     batch_strategy: str
     keep_params: bool | None = None
+    depth_strategy: str = "auto"
 
     @property
     def static_axes(self) -> list[str]:
@@ -140,6 +146,7 @@ class Resolved:
             "static": self.static,
             "grid": self.grid,
             "batch_strategy": self.batch_strategy,
+            "depth_strategy": self.depth_strategy,
             "keep_params": self.keep_params,
         }
 
@@ -342,6 +349,7 @@ def resolve(sweep: Sweep, overrides: Sequence[tuple[str, str]] = ()) -> Resolved
         if k not in settings:
             raise SpecError(f"static: {k!r} must also be a key of settings (its default)")
     batch_strategy = sweep.batch_strategy
+    depth_strategy = sweep.depth_strategy
     keep_params = sweep.keep_params
     declared = set(sweep.static)
     overrides = list(overrides)
@@ -362,16 +370,20 @@ def resolve(sweep: Sweep, overrides: Sequence[tuple[str, str]] = ()) -> Resolved
                 settings[k] = v
             elif k == "batch_strategy":
                 batch_strategy = v
+            elif k == "depth_strategy":
+                depth_strategy = v
             elif k == "keep_params":
                 keep_params = v
             else:
                 raise SpecError(f"scales.{scale}: unknown key {k!r}")
-    known = [*GRID_AXES, *settings, "scale", "batch_strategy", "keep_params"]
+    known = [*GRID_AXES, *settings, "scale", "batch_strategy", "depth_strategy", "keep_params"]
     for k, text in overrides:
         if k == "scale":
             continue
         if k == "batch_strategy":
             batch_strategy = text.strip()
+        elif k == "depth_strategy":
+            depth_strategy = text.strip()
         elif k == "keep_params":
             t = text.strip().lower()
             if t not in (*KEEP_CHOICES, "auto", "none"):
@@ -398,6 +410,10 @@ def resolve(sweep: Sweep, overrides: Sequence[tuple[str, str]] = ()) -> Resolved
         raise SpecError(
             f"batch_strategy: must be one of {BATCH_STRATEGIES}, got {batch_strategy!r}"
         )
+    if depth_strategy not in DEPTH_STRATEGIES:
+        raise SpecError(
+            f"depth_strategy: must be one of {DEPTH_STRATEGIES}, got {depth_strategy!r}"
+        )
     for k in static:
         settings.pop(k, None)
     grid.setdefault("seed", [0])
@@ -411,7 +427,9 @@ def resolve(sweep: Sweep, overrides: Sequence[tuple[str, str]] = ()) -> Resolved
     for k, v in static.items():
         if len(set(map(repr, v))) != len(v):
             raise SpecError(f"{k}: repeated values {v}")
-    return Resolved(sweep, settings, static, full, scale, batch_strategy, keep_params)
+    return Resolved(
+        sweep, settings, static, full, scale, batch_strategy, keep_params, depth_strategy
+    )
 
 
 def _check_grid(grid: dict[str, list | None]) -> None:

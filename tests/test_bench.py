@@ -61,16 +61,16 @@ def test_readme_table_keeps_each_parts_latest_figures(tmp_path):
         "device": dev,
         "sweep_cold": {
             "sweep": "channel_norm_depth",
-            "auto": {"compile_seconds": 20.1, "run_seconds": 7.4, "programs": 6},
-            "taps": {"error": ["boom"]},
+            "programs": {"compile_seconds": 20.1, "run_seconds": 7.4, "programs": 6},
+            "masked": {"error": ["boom"]},
         },
     }
     saved = save_figures(cold, store)
     assert set(saved) == {"conv", "depth", "cold"}
     table = readme_table(saved)
-    assert "| channel_norm_depth from nothing, conv auto | compile, 6 programs | 20.1 s |" in table
-    assert "| channel_norm_depth from nothing, conv auto | run | 7.4 s |" in table
-    assert "conv taps" not in table  # a failed measurement gives no row
+    assert "| channel_norm_depth from nothing, programs | compile, 6 programs | 20.1 s |" in table
+    assert "| channel_norm_depth from nothing, programs | run | 7.4 s |" in table
+    assert "masked" not in table  # a failed measurement gives no row
     readme = tmp_path / "README.md"
     readme.write_text("a\n<!-- bench -->\nold\n<!-- /bench -->\nb\n")
     update_readme(readme, table)

@@ -376,9 +376,12 @@ def run_data(spec: RunSpec) -> RunData:
 
 
 def as_hparams(hp) -> Hparams:
-    """Hparams of float32 arrays (batch_size int32); accepts Python numbers or a dict."""
+    """Hparams of float32 arrays (batch_size and stack_depth int32); accepts Python numbers, a
+    dict, or a tuple of the leading fields (the rest at their defaults)."""
     if isinstance(hp, dict):
         hp = Hparams(**hp)
+    elif not isinstance(hp, Hparams):
+        hp = Hparams(*hp)
     return Hparams(
         *[
             jnp.asarray(v, jnp.int32 if f in INT_FIELDS else jnp.float32)

@@ -26,6 +26,7 @@ SLOW_FIRST = (
     "test_repro_norm_matters.py",
     "test_repro_norm_dynamics.py",
     "test_grow.py",
+    "test_depth_masking.py",
     "test_repro_orthogonal.py",
     "test_repro_low_rank.py",
     "test_repro_grad_oscillation.py",

@@ -88,11 +88,20 @@ def _check_depth(masked: dict, j: int, own: dict, n_own: int, n_deep: int):
     assert int(masked["status"][j]) == 0 and int(own["status"][0]) == 0
 
 
-@pytest.mark.parametrize("stacked", [True, False], ids=["stacked", "list"])
-@pytest.mark.parametrize("family", ["conv", "mlp"])
-def test_masked_runs_equal_each_depths_own_program(family, stacked):
+@pytest.mark.parametrize(
+    "family, stacked, depths",
+    [
+        ("conv", True, (1, 2, 4)),
+        ("mlp", True, (1, 2, 4)),
+        ("conv", False, (1, 3)),
+        ("mlp", False, (0, 3)),
+    ],
+    ids=["conv-stacked", "mlp-stacked", "conv-list", "mlp-list"],
+)
+def test_masked_runs_equal_each_depths_own_program(family, stacked, depths):
+    """Depth 0 of the MLP's stack: none of its hidden layers (the input and output layers
+    only)."""
     make = _conv_spec if family == "conv" else _mlp_spec
-    depths = (1, 2, 4)
     deep = dataclasses.replace(make(max(depths)), stack_layers=stacked)
     assert masking_refusal(deep) is None
     masked = _runs(deep, list(depths), True)

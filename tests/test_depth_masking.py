@@ -6,6 +6,7 @@ a static depth axis and stores what one program per depth stores."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -186,7 +187,17 @@ def _assert_close_stores(a, b):
             assert np.array_equal(x, y), name
 
 
-def test_the_runner_masks_a_depth_axis_and_stores_what_programs_per_depth_store(tmp_path):
+@pytest.fixture(scope="module")
+def per_depth(tmp_path_factory):
+    """The tiny masked sweep with one program per depth: the reference."""
+    out = tmp_path_factory.mktemp("masking") / "programs.zarr"
+    assert _run(out, "depth_strategy=program").programs == 6
+    return out
+
+
+def test_the_runner_masks_a_depth_axis_and_stores_what_programs_per_depth_store(
+    tmp_path, per_depth
+):
     res = resolve(load_sweep(MASKED), parse_overrides(()))
     specs = build_specs(res)
     # depths 2, 3, 4 of the blocks: a quarter of the stack's passes skipped
@@ -199,13 +210,26 @@ def test_the_runner_masks_a_depth_axis_and_stores_what_programs_per_depth_store(
     assert p.mask_axis == "depth" and len(p.groups) == 2
     assert [g.stack_depths for g in p.groups] == [(2, 3, 4), (2, 3, 4)]
     masked = _run(tmp_path / "m.zarr", "depth_strategy=auto")
-    programs = _run(tmp_path / "p.zarr", "depth_strategy=program")
-    assert (masked.programs, programs.programs) == (2, 6)
-    _assert_close_stores(tmp_path / "m.zarr", tmp_path / "p.zarr")
-    import json
-
+    assert masked.programs == 2
+    _assert_close_stores(tmp_path / "m.zarr", per_depth)
     layout = json.loads(xr.open_zarr(tmp_path / "m.zarr").attrs["layout"])
     assert layout["mask_axis"] == "depth"
+
+
+def test_a_masked_depth_axis_grows_by_a_depth_computing_only_its_runs(tmp_path, per_depth):
+    out = tmp_path / "g.zarr"
+    first = _run(out, "depth=3,4")
+    assert (first.programs, first.runs_now) == (2, 8)
+    grown = _run(out, "depth=2,3,4")
+    assert grown.runs_now == 4  # depth 2's runs only, in the masked layout of the first run
+    assert json.loads(xr.open_zarr(out).attrs["layout"])["mask_axis"] == "depth"
+    da = xr.open_zarr(out).sel(depth=[2, 3, 4])
+    db = xr.open_zarr(per_depth)
+    for name in db.data_vars:
+        x, y = da[name].values, db[name].values
+        if x.dtype.kind == "f":
+            assert np.array_equal(np.isnan(x), np.isnan(y)), name
+        np.testing.assert_allclose(x, y, rtol=RTOL, atol=1e-7, err_msg=name)
 
 
 def test_depth_strategy_mask_that_cannot_mask_is_one_line_and_exit_2(tmp_path):

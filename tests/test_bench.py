@@ -68,8 +68,10 @@ def test_readme_table_keeps_each_parts_latest_figures(tmp_path):
     saved = save_figures(cold, store)
     assert set(saved) == {"conv", "depth", "cold"}
     table = readme_table(saved)
-    assert "| channel_norm_depth from nothing, programs | compile, 6 programs | 20.1 s |" in table
-    assert "| channel_norm_depth from nothing, programs | run | 7.4 s |" in table
+    assert (
+        "| channel_norm_depth from nothing, programs | compile + run, 6 programs | 20.1 s + 7.4 s |"
+        in table
+    )
     assert "masked" not in table  # a failed measurement gives no row
     readme = tmp_path / "README.md"
     readme.write_text("a\n<!-- bench -->\nold\n<!-- /bench -->\nb\n")

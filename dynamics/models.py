@@ -165,10 +165,15 @@ class active_stack:
         return False
 
 
+def cut_count(count: int, n):
+    """The layers a stack of `count` keeps when cut to `n` (negative: all of them)."""
+    return jnp.where(n >= 0, jnp.minimum(n, count), count)
+
+
 def stack_absent(stack: Stack, n, n_layers: int) -> jax.Array:
     """(n_layers,) bool: the layers a run cut to `n` of its stack's layers skips (n < 0: none)."""
     k = jnp.arange(n_layers)
-    n = jnp.where(n >= 0, jnp.minimum(n, stack.count), stack.count)
+    n = cut_count(stack.count, n)
     return (k >= stack.first + n) & (k < stack.first + stack.count)
 
 
@@ -179,7 +184,7 @@ def _live(offset: int, count: int):
     if entry is None:
         return None
     first, total, n = entry
-    n = jnp.where(n >= 0, jnp.minimum(n, total), total)
+    n = cut_count(total, n)
     return [
         (k - first < n) if first <= k < first + total else None
         for k in range(offset, offset + count)

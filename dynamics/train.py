@@ -835,8 +835,7 @@ def _masked_init(model, n, key, stacked: bool, n_layers: int):
     split(key, n_k), the same key whatever n_k), the skipped layers zeros."""
     st = model.stack
     k = jnp.arange(n_layers)
-    full = jnp.where(n >= 0, jnp.minimum(n, st.count), st.count)
-    idx = jnp.where(k >= st.first + st.count, k - (st.count - full), k)
+    idx = jnp.where(k >= st.first + st.count, k - (st.count - _models.cut_count(st.count, n)), k)
     keys = jax.random.split(key, n_layers)
     keys = jax.random.wrap_key_data(jax.random.key_data(keys)[idx], impl=jax.random.key_impl(keys))
     absent = _models.stack_absent(st, n, n_layers)

@@ -6,6 +6,12 @@ of LAPACK's `sgesdd` through `jnp.linalg.svd`, which spends most of its time in 
 and short scalar loops at these sizes (`make bench` measures both); the results agree with a
 float64 reference to a few units in the last place (tests/test_native.py).
 
+`compiled_random()`: a context in which programs lowered for the CPU compute the Threefry hash
+of JAX's random numbers (every `jax.random` draw) with a compiled kernel (source:
+`dynamics/_native/random.cc`): the same bits, and no LLVM time for the hash's loop kernels,
+which otherwise cost about a second of compile per random draw of a program (the runner lowers
+its programs in it).
+
 `dense_grad(...)`: the loss and gradient of a plain MLP on a weighted batch in one call per
 batch of runs (source: `dynamics/_native/dense.cc`), each run computed alone with register-
 blocked products; `dense_loss_fn(model, loss)` wraps it as a loss function whose reverse-mode
@@ -21,6 +27,8 @@ no compiler works, or with `DYNAMICS_NATIVE=0`, `available()` is False and calle
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import ctypes
 import hashlib
 import os
@@ -35,8 +43,11 @@ from pathlib import Path
 TARGET = "dynamics_svdvals"
 GRAD_PAIRS = "dynamics_grad_pairs"
 DENSE_GRAD = "dynamics_dense_grad"
-TARGETS = (TARGET, GRAD_PAIRS, DENSE_GRAD)
-SOURCES = tuple(Path(__file__).with_name("_native") / f for f in ("svdvals.cc", "dense.cc"))
+THREEFRY = "dynamics_threefry2x32"
+TARGETS = (TARGET, GRAD_PAIRS, DENSE_GRAD, THREEFRY)
+SOURCES = tuple(
+    Path(__file__).with_name("_native") / f for f in ("svdvals.cc", "dense.cc", "random.cc")
+)
 
 _lock = threading.Lock()
 _state: dict = {"tried": False, "lib": None, "path": None, "error": None}
@@ -139,6 +150,9 @@ def _load() -> None:
     )
     jax.ffi.register_ffi_target(
         DENSE_GRAD, jax.ffi.pycapsule(lib.DynamicsDenseGrad), platform="cpu"
+    )
+    jax.ffi.register_ffi_target(
+        THREEFRY, jax.ffi.pycapsule(lib.DynamicsThreefry2x32), platform="cpu"
     )
     _state.update(lib=lib, path=str(path))
 
@@ -359,3 +373,69 @@ def dense_loss_fn(model, loss):
 
     loss_fn.defvjp(value_and_grad, bwd)
     return loss_fn
+
+
+# --------------------------------------------------------------------------- random numbers
+
+_random_on = contextvars.ContextVar("dynamics_compiled_random", default=False)
+_random_rule: dict = {"installed": False, "default": None}
+
+
+def _threefry_module():
+    try:
+        from jax._src.random import threefry2x32 as mod
+    except ImportError:  # older layouts of JAX's sources
+        try:
+            from jax._src import prng as mod
+        except ImportError:
+            return None
+    ok = hasattr(mod, "threefry2x32_p") and hasattr(mod, "_threefry2x32_cpu_lowering_rule")
+    return mod if ok else None
+
+
+def _install_random_rule() -> bool:
+    """Registers the CPU lowering of JAX's `threefry2x32_p` that `compiled_random` switches
+    (once per process); False where this JAX has no such primitive or rule (the context is then
+    a no-op)."""
+    with _lock:
+        if not _random_rule["installed"]:
+            mod = _threefry_module()
+            if mod is None:
+                return False
+            import jax
+            import jax.numpy as jnp
+            from jax.interpreters import mlir
+
+            default = mod._threefry2x32_cpu_lowering_rule
+            _random_rule.update(installed=True, default=default)
+
+            def hashed(k1, k2, x1, x2):  # the kernel takes four arrays of one shape
+                shape = jnp.broadcast_shapes(k1.shape, k2.shape, x1.shape, x2.shape)
+                args = [jnp.broadcast_to(v, shape) for v in (k1, k2, x1, x2)]
+                out = jax.ShapeDtypeStruct(shape, jnp.uint32)
+                return jax.ffi.ffi_call(THREEFRY, (out, out))(*args)
+
+            compiled = mlir.lower_fun(hashed, multiple_results=True)
+
+            def rule(ctx, *args):
+                on = _random_on.get() and available()
+                return (compiled if on else default)(ctx, *args)
+
+            mlir.register_lowering(mod.threefry2x32_p, rule, platform="cpu")
+        return True
+
+
+@contextlib.contextmanager
+def compiled_random(on: bool = True):
+    """Programs lowered in this context (in this thread) for the CPU compute the Threefry-2x32
+    hash of `jax.random` with the compiled kernel where `available()`, else with JAX's own
+    lowering; the bits are the same either way (tests/test_native_random.py). A program that
+    holds the kernel's call needs the kernels loaded to compile (`available()`) and lists its
+    target among `TARGETS` for `jax.export`."""
+    if on and not _install_random_rule():
+        on = False
+    token = _random_on.set(on)
+    try:
+        yield
+    finally:
+        _random_on.reset(token)

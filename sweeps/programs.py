@@ -105,16 +105,18 @@ class Program:
         import jax
 
         hp, seeds = jax.device_put((hp, seeds), self.shard)
-        t = time.perf_counter()
-        if _uses_native(self.spec):  # a loaded program may call the kernels: register them
-            from dynamics import native
+        from dynamics import native
 
-            native.available()
+        t = time.perf_counter()
+        native.available()  # a loaded program may call the kernels: register them
         self.compiled = _COMPILED.get(self.key) if self.key is not None else None
-        if self.compiled is None:
-            self.compiled = self._load_exported(hp, seeds)
-        if self.compiled is None:
-            self.compiled = self._export_and_compile(hp, seeds)
+        # every random draw's hash as the compiled kernel: the same bits, and about a second
+        # less of LLVM per draw (dynamics.native.compiled_random)
+        with native.compiled_random():
+            if self.compiled is None:
+                self.compiled = self._load_exported(hp, seeds)
+            if self.compiled is None:
+                self.compiled = self._export_and_compile(hp, seeds)
         if self.key is not None:
             _COMPILED[self.key] = self.compiled
             _COMPILED.move_to_end(self.key)
@@ -195,17 +197,6 @@ def _x64(spec):
 def _traced_in_x64(spec) -> bool:
     """Whether the spec's program is traced and called in 64-bit mode (`_x64`)."""
     return spec.precision == "float64"
-
-
-def _uses_native(spec) -> bool:
-    """Whether the spec's program may call the compiled kernels (spectra, adjacent gradients,
-    a plain MLP's training gradient)."""
-    from dynamics.train import ALIASES, dense_gradient, resolve_observables
-
-    wanted = {"sv", "rank", "stable_rank", *ALIASES["grad_corr"]}
-    if dense_gradient(spec):
-        return True
-    return bool(wanted & set(resolve_observables(spec.observables)))
 
 
 def prepare(p: Plan, chunks, mesh, code: str | None = None) -> tuple[list, int]:
@@ -332,7 +323,8 @@ def program_key(p: Plan, group: Group, n_pad: int, code: str | None = None, star
             "devices": [d.device_kind for d in jax.local_devices()],
             "versions": package_versions(),
             "code": code if code is not None else _code_stamp(),
-            "native": _native_kernel() if _uses_native(group.spec) else None,
+            # every program may call the kernels: its random draws (compiled_random)
+            "native": _native_kernel(),
             **({"keep_state": True} if group.spec.keep_state else {}),
             **({"start": start} if start else {}),
             # the mode the program is traced in (`_x64`), whatever the process's

@@ -573,11 +573,14 @@ def warm_compile(cache: str, sweep: str = "reference", sets=()) -> dict:
 
 COLD_SWEEP = "channel_norm_depth"  # P4's gradient sweep: 3 depths x 2 norms, 192 runs
 # variant -> (environment, --set overrides): one program per depth and the depths masked into
-# one program per norm, at the sweep's 3000 steps and at 300; and the shifted-taps
-# convolution the runner chose for these single-channel convs before XLA's was measured faster
+# one program per norm, at the sweep's 3000 steps and at 300; masked with the compiled kernels
+# off (JAX's own lowering of the random draws' hash: `dynamics.native.compiled_random`); and the
+# shifted-taps convolution the runner chose for these single-channel convs before XLA's was
+# measured faster
 COLD_VARIANTS = {
     "programs": ({}, ("depth_strategy=program",)),
     "masked": ({}, ("depth_strategy=mask",)),
+    "masked, kernels off": ({"DYNAMICS_NATIVE": "0"}, ("depth_strategy=mask",)),
     "programs, 300 steps": ({}, ("depth_strategy=program", "steps=300")),
     "masked, 300 steps": ({}, ("depth_strategy=mask", "steps=300")),
     "programs, taps": ({"DYNAMICS_CONV": "taps"}, ("depth_strategy=program",)),

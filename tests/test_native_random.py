@@ -123,7 +123,9 @@ def test_runner_program_uses_the_kernel(tmp_path, monkeypatch):
     from sweeps.spec import build_specs, load_sweep, parse_overrides, resolve
 
     monkeypatch.setenv("DYNAMICS_CACHE_DIR", str(tmp_path / "cache"))
-    res = resolve(load_sweep("reference"), parse_overrides(["seed=0", "lr=0.01", "steps=4", "record_every=2"]))
+    res = resolve(
+        load_sweep("reference"), parse_overrides(["seed=0", "lr=0.01", "steps=4", "record_every=2"])
+    )
     runner.execute(res, build_specs(res), str(tmp_path / "s.zarr"), progress=False)
     files = glob.glob(str(tmp_path / "cache" / "exports" / "*"))
     assert files

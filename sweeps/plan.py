@@ -132,10 +132,10 @@ def choose_strategy(res: Resolved, specs) -> str:
 
 # "auto" masks a static depth axis when at most this share of the stack's layer passes are
 # skipped ones (the depths' mean / the deepest >= 1/2): P4's gradient sweep (depths 5, 10, 30:
-# one half skipped), from nothing on 2 CPU cores (`make bench --only cold`), took 18.7 s masked
-# (2 programs) against 25.6 s with a program per depth (6) at its 3000 steps, 10.7 s against
-# 21.1 s at 300: compile time saved against run time lost, which grows with the length (set
-# depth_strategy="program" for long runs of very different depths).
+# one half skipped), from nothing on 2 CPU cores (`make bench --only cold`, docs/bench.json),
+# took 15.8 s masked (2 programs) against 16.7 s with a program per depth (6) at its 3000 steps,
+# 6.8 s against 11.4 s at 300: compile time saved against run time lost, which grows with the
+# length (set depth_strategy="program" for long runs of very different depths).
 MASK_WASTE_AUTO = 0.5
 
 

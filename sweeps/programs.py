@@ -295,8 +295,9 @@ def _code_stamp() -> str:
 
 
 def _native_kernel() -> str | None:
-    """The compiled spectral kernel a traced program calls (its library file), or None when
-    it is unavailable and the program calls LAPACK instead."""
+    """The compiled kernels' library file a traced program may call (spectra, gradients, the
+    random draws' hash), or None when they are unavailable and it calls LAPACK and JAX's own
+    lowerings instead."""
     from dynamics import native
 
     return native.status()["path"] if native.available() else None

@@ -109,6 +109,7 @@ class Model(NamedTuple):
     stochastic: bool = False
     init_stacked: Callable[[jax.Array], Any] | None = None
     stack: Stack | None = None
+    width: Width | None = None
 
 
 class Stack(NamedTuple):
@@ -126,6 +127,85 @@ class Stack(NamedTuple):
     family: tuple
     first: int
     count: int
+
+
+class Width(NamedTuple):
+    """A model's hidden width, the one size that its width alone changes (`Model.width`; None:
+    the model has none): `value`, `family` (what else fixes the model: the factory and every
+    other argument, hashable), so two models with equal families differ only in that width, and
+    `at(w)`, the family's model of width w.
+
+    Such models are one program at the widest (`masked_width`): a run of width n < W carries
+    every layer at width W, its params the width-n model's own (drawn by that model's init)
+    padded with zeros (`pad_params`); under `active_width` the model applies the width-n
+    model's multipliers (those that depend on the width: the "ntk" parameterization, Hu et
+    al.'s 1/sqrt(m)), and since every activation it takes maps 0 to 0, a padded unit's output
+    and every padded weight's gradient are exactly zero, so the padding stays zero under any
+    optimizer that treats each weight on its own and the run's numbers are the width-n model's
+    to float rounding (tests/test_width_masking.py)."""
+
+    family: tuple
+    value: int
+    at: Callable[[int], Any]
+
+
+def masked_width(models: Sequence[Model]) -> Model | None:
+    """The widest of `models` when all of them have a `Width` of one family (each is then that
+    model at a smaller width, `Width.at`); else None."""
+    ws = [getattr(m, "width", None) for m in models]
+    if not models or any(w is None for w in ws) or len({w.family for w in ws}) != 1:
+        return None
+    return max(models, key=lambda m: m.width.value)
+
+
+# (family, n) of the model being traced at width n (`active_width`), per thread
+_WIDTH: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("active_width", default=None)
+
+
+class active_width:
+    """Trace a model with `Width` `width` as the width-n model (n: a traced int; the model's
+    params padded from the width-n model's, `pad_params`): the model uses the width-n
+    multipliers. Read by the factories at trace time."""
+
+    def __init__(self, width: Width | None, n):
+        self.entry = None if width is None else (width.family, n)
+        self.token = None
+
+    def __enter__(self):
+        self.token = _WIDTH.set(self.entry)
+        return self
+
+    def __exit__(self, *exc):
+        _WIDTH.reset(self.token)
+        return False
+
+
+def traced_width(width: Width | None):
+    """The traced width a model of `width` runs at (`active_width`), None when it runs at its own."""
+    entry = _WIDTH.get()
+    if entry is None or width is None or entry[0] != width.family:
+        return None
+    return entry[1]
+
+
+def pad_params(params, like):
+    """`params` (a narrower model's, list or `stacks.LayerList`) zero-padded at the end of every
+    axis to the shapes of `like` (the widest model's params or their shapes), in `like`'s
+    layout."""
+
+    def pad(a, ref):
+        if a.ndim != len(ref.shape) or any(s > r for s, r in zip(a.shape, ref.shape, strict=True)):
+            raise ValueError(f"pad_params: a leaf of shape {a.shape} does not fit {ref.shape}")
+        return jnp.pad(a, [(0, r - s) for s, r in zip(a.shape, ref.shape, strict=True)])
+
+    if isinstance(like, _stacks.LayerList):
+        if not (isinstance(params, _stacks.LayerList) and params.counts == like.counts):
+            params = _stacks.like(like, _stacks.unpack(params))
+        return _stacks.LayerList(
+            [jax.tree.map(pad, a, r) for a, r in zip(params.segments, like.segments, strict=True)],
+            like.counts,
+        )
+    return [jax.tree.map(pad, a, r) for a, r in zip(_stacks.unpack(params), like, strict=True)]
 
 
 def masked_stack(models: Sequence[Model]) -> Model | None:
@@ -687,7 +767,9 @@ def _layer_inits(layers):
     return init, init_stacked
 
 
-def _model(init_fn, run, init_state_fn=None, dense=None, init_stacked=None, stack=None) -> Model:
+def _model(
+    init_fn, run, init_state_fn=None, dense=None, init_stacked=None, stack=None, width=None
+) -> Model:
     """A Model from `run(params, state, x, mask, train) -> Forward` (state None: not tracked)."""
 
     def apply_features(params, x, mask=None):
@@ -706,6 +788,7 @@ def _model(init_fn, run, init_state_fn=None, dense=None, init_stacked=None, stac
         fwd if init_state_fn is not None else None,
         init_stacked=init_stacked,
         stack=stack,
+        width=width,
     )
 
 
@@ -783,25 +866,51 @@ def mlp(
         return [_norm_state(widths[i + 1], nc) for i in range(n_layers - 1)] + [{}]
 
     def run(params, state, x, mask, train):
+        n = traced_width(width)
+        if n is None or cfg.parameterization != "ntk":
+            keys, out = mults[:-1], mults[-1]
+        else:  # the width-n model's multipliers where the fan-in is the hidden width
+            keys = [(mults[0], False)] + [(mults[k], True) for k in range(1, n_layers - 1)]
+            out = cfg.gain / jnp.sqrt(n.astype(jnp.float32))
+
         def hidden(c, p, s, h):
+            if isinstance(c, tuple):
+                c = cfg.gain / jnp.sqrt(n.astype(jnp.float32)) if c[1] else c[0]
             h, s = _apply_norm(p, s, _dense(p, h, c), mask, nc, train)
             return act(h), s
 
         h = x.reshape(x.shape[0], -1)
         states = None if state is None else state[:-1]
-        h, new = _run_layers(hidden, h, params[:-1], states, mults[:-1], scan)
-        y = _dense(params[-1], h, mults[-1])
+        h, new = _run_layers(hidden, h, params[:-1], states, keys, scan)
+        y = _dense(params[-1], h, out)
         return Forward(y, h, None if state is None else new + [state[-1]])
 
     plain = norm is None and weight_param == "plain"
     dense = Dense(widths, activation, bias, tuple(mults)) if plain else None
-    stack = None
+    stack = width = None
     if plain and n_layers >= 2 and len(set(widths[1:-1])) == 1:
         # the hidden layers 1 .. L-2 of width w; a skipped one starts at zero (masked_stack)
         family = ("mlp", widths[0], widths[1], widths[-1], activation, bias, cfg, scan)
         stack = Stack(family, 1, n_layers - 2)
+        if float(act(jnp.zeros(()))) == 0.0:  # a padded unit's output is exactly zero
+            family = ("mlp", widths[0], n_layers, widths[-1], activation, bias, cfg, scan)
+            kw = dict(
+                activation=activation,
+                bias=bias,
+                init=init,
+                gain=gain,
+                scale=scale,
+                parameterization=parameterization,
+                bias_init=bias_init,
+                scan=scan,
+            )
+
+            def at(w):
+                return mlp((widths[0],) + (int(w),) * (n_layers - 1) + (widths[-1],), **kw)
+
+            width = Width(family, widths[1], at)
     return _model(
-        init_fn, run, init_state_fn if _stateful(nc) else None, dense, init_stacked, stack
+        init_fn, run, init_state_fn if _stateful(nc) else None, dense, init_stacked, stack, width
     )
 
 

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from dynamics import models as _models
 from dynamics import stacks as _stacks
 from dynamics.data import Dataset
 from dynamics.models import Dense, Model
@@ -135,7 +136,9 @@ def hu_linear(d_x: int, width: int, depth: int, d_y: int, *, init: str = "orthog
             raise ValueError(f"x must have d_x = {d_x} features, got {h.shape[1]}")
         if depth == 1:
             return out_scale * (h @ params[0]["w"].T)
-        h = hidden * (h @ params[0]["w"].T)
+        n = _models.traced_width(width_of)
+        c = hidden if n is None else 1.0 / jnp.sqrt(n.astype(jnp.float32))
+        h = c * (h @ params[0]["w"].T)
         if depth > 2:
             mid = params[1:-1]
             if isinstance(mid, _stacks.LayerList) and len(mid.counts) == 1:
@@ -144,18 +147,28 @@ def hu_linear(d_x: int, width: int, depth: int, d_y: int, *, init: str = "orthog
                 stack = jnp.stack([p["w"] for p in mid])
 
             def layer(h, w):
-                return hidden * (h @ w.T), None
+                return c * (h @ w.T), None
 
             h, _ = lax.scan(layer, h, stack)
         return out_scale * (h @ params[-1]["w"].T)
 
     widths = (d_x,) + (width,) * (depth - 1) + (d_y,)
+    # the width m alone: one program trains several widths (`models.masked_width`); the
+    # padded units of a linear network carry exact zeros, and 1/sqrt(m) is the run's own
+    width_of = None
+    if depth >= 2:
+        width_of = _models.Width(
+            ("hu_linear", d_x, depth, d_y, init),
+            width,
+            lambda w: hu_linear(d_x, w, depth, d_y, init=init),
+        )
     return Model(
         init_fn,
         apply,
         lambda params, x, mask=None: (apply(params, x, mask), None),
         Dense(widths, "linear", False, mults),
         init_stacked=init_stacked,
+        width=width_of,
     )
 
 

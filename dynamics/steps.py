@@ -45,7 +45,9 @@ class Hparams(NamedTuple):
     means the spec's whole static batch. init_scale multiplies every layer's weight at
     initialization. stack_depth cuts the model's uniform stack (`models.Stack`) to its first
     stack_depth layers, as the runner does for runs of several depths that share one program
-    (`models.masked_stack`); -1, the default, keeps the model's own depth.
+    (`models.masked_stack`); -1, the default, keeps the model's own depth. width runs the model
+    at that hidden width (`models.Width`), as the runner does for runs of several widths that
+    share one program (`models.masked_width`); -1, the default, keeps the model's own width.
     """
 
     lr: Any = 0.1
@@ -54,10 +56,11 @@ class Hparams(NamedTuple):
     momentum: Any = 0.0
     init_scale: Any = 1.0
     stack_depth: Any = -1
+    width: Any = -1
 
 
 HPARAM_FIELDS = Hparams._fields
-INT_FIELDS = ("batch_size", "stack_depth")  # int32; every other field float32
+INT_FIELDS = ("batch_size", "stack_depth", "width")  # int32; every other field float32
 
 
 class Batch(NamedTuple):

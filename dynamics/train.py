@@ -38,7 +38,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -924,7 +924,108 @@ def masking_refusal(spec: RunSpec) -> str | None:
     return None
 
 
-def make_run(spec: RunSpec, *, start: int = 0, stack_mask: bool = False) -> Callable:
+# Observables whose value at a run of a narrower width inside the widest's program
+# (`models.active_width`) equals the narrower model's: the padded weights are zeros with zero
+# gradients, so they add nothing to any norm, product of norms, inner product or distance, and
+# `sv` keeps the narrower matrix's singular values (the padded matrix's extra ones, zeros, are
+# NaN). Sharpness (its random start vector has the padded shape), neural collapse and the NTK
+# Gram keep one program per width, as do users' observables (they may read the shapes).
+WIDTH_MASKABLE = MASKABLE | frozenset(
+    {
+        "rho",
+        "effective_lr",
+        "balancedness",
+        "margin_mean",
+        "margin_std",
+        "margin_min",
+        "mean_rank",
+        "update_size",
+        "dist",
+        "grad_cos_neg_frac",
+        "grad_cos_neg_frac_global",
+        "train_margin_mean",
+        "train_margin_std",
+        "train_margin_min",
+    }
+)
+
+
+def width_refusal(spec: RunSpec, widths: Sequence[int] | None = None) -> str | None:
+    """Why runs of the spec cannot run at the narrower `widths` of its model inside one program
+    (`make_run(spec, width_mask=widths)`), or None when they can: the model has a
+    `models.Width` (and is the widest of `widths`), the gradient is autodiff's (the compiled
+    MLP gradient runs the whole width), the optimizer treats every weight on its own (sgd, gd,
+    adam), the runs keep no final state and no data transform, and every observable is in
+    WIDTH_MASKABLE."""
+    model = spec.model
+    w = getattr(model, "width", None)
+    if w is None:
+        return "the model has no width of its own (models.Width)"
+    if widths is not None:
+        if not widths or any(int(v) < 1 for v in widths):
+            return f"widths must be positive, got {tuple(widths)}"
+        if max(int(v) for v in widths) != w.value:
+            return f"the model's width {w.value} is not the largest of {tuple(widths)}"
+    if dense_gradient(spec):
+        return "the compiled MLP gradient runs the whole width (gradient='autodiff' masks)"
+    f, _ = _stepper_parts(spec.stepper)
+    if f not in (_steps.sgd, _steps.gd, _steps.adam):
+        return "the optimizer is not sgd, gd or adam"
+    if spec.keep_state:
+        return "final states are kept (their shapes follow the width)"
+    if spec.data_transform is not None:
+        return "a data transform may read the model's shapes"
+    names, user = _rec.split_observables(spec.observables)
+    for n in names:
+        if n in user:
+            return f"observable {n!r} is a user's (it may read the width's shapes)"
+        if n not in WIDTH_MASKABLE:
+            return f"observable {n!r} depends on the width's shapes"
+    return None
+
+
+def _width_models(model, widths) -> list:
+    """The models at each of `widths` (the model's own at its width), each of the model's
+    family."""
+    out = []
+    for w in widths:
+        m = model if int(w) == model.width.value else model.width.at(int(w))
+        if getattr(m, "width", None) is None or m.width.family != model.width.family:
+            raise ValueError(f"width_mask: the model's family gives no model of width {w}")
+        out.append(m)
+    return out
+
+
+def _width_init(model, models, widths, n, key, stacked: bool):
+    """The params of a run at width `n` (traced; -1: the model's own) of `widths`: the width-n
+    model's init from `key`, zero-padded to the model's shapes (`models.pad_params`)."""
+    init = (lambda m: _models.stacked_init(m)) if stacked else (lambda m: m.init)
+    like = jax.eval_shape(init(model), key)
+    params = init(model)(key)
+    for m, w in zip(models, widths, strict=True):
+        if m is model:
+            continue
+        p = _models.pad_params(init(m)(key), like)
+        params = jax.tree.map(lambda a, b, w=w: jnp.where(n == w, a, b), p, params)
+    return params
+
+
+def _sv_counts(models) -> np.ndarray:
+    """(len(models), n_layers) int: how many singular values each layer of each model has."""
+    rows = []
+    for m in models:
+        shapes = jax.eval_shape(_models.layer_weights, jax.eval_shape(m.init, jax.random.key(0)))
+        rows.append([min(s.shape) for s in shapes])
+    return np.asarray(rows, np.int32)
+
+
+def make_run(
+    spec: RunSpec,
+    *,
+    start: int = 0,
+    stack_mask: bool = False,
+    width_mask: Sequence[int] | None = None,
+) -> Callable:
     """Build `run(hp, key, data=None, init=None) -> trace` for a spec.
 
     hp: `Hparams` of scalars (arrays or numbers; vmap `run` for a grid); key: a PRNG key, split
@@ -949,10 +1050,26 @@ def make_run(spec: RunSpec, *, start: int = 0, stack_mask: bool = False) -> Call
     a run of the shallower model (`models.masked_stack`) to float rounding; the skipped layers'
     entries of every per-layer record are NaN. The spec must allow it (`masking_refusal`).
     Without it a run whose hp.stack_depth is not -1 is invalid (status 3).
+
+    width_mask: the widths (the model's `Width.value` the largest) whose runs share the
+    program: each run's `hp.width` (one of them; -1: the model's own) runs the model at that
+    width (`models.active_width`; its params are the narrower model's init from the run's key,
+    zero-padded, and stay zero), so one program trains runs of several widths, each equal to a
+    run of the narrower model to float rounding; `sv` entries past a narrower layer's count
+    are NaN. The spec must allow it (`width_refusal`); with stack_mask it is refused. Without
+    it a run whose hp.width is not -1 is invalid (status 3).
     """
     spec.validate()
+    if stack_mask and width_mask is not None:
+        raise ValueError("width_mask: a program masks the depth or the width, not both")
     if stack_mask and (why := masking_refusal(spec)) is not None:
         raise ValueError(f"stack_mask: {why}")
+    if width_mask is not None:
+        width_mask = tuple(int(w) for w in width_mask)
+        if (why := width_refusal(spec, width_mask)) is not None:
+            raise ValueError(f"width_mask: {why}")
+        width_models = _width_models(spec.model, width_mask)
+        sv_counts = _sv_counts(width_models)
     names, user = _rec.split_observables(spec.observables)
     model = spec.model
     loss = _losses.resolve(spec.loss)
@@ -1007,6 +1124,8 @@ def make_run(spec: RunSpec, *, start: int = 0, stack_mask: bool = False) -> Call
     def initial_params(hp, k_init, stacked=False):
         if stack_mask:
             params = _masked_init(model, hp.stack_depth, k_init, stacked, n_layers)
+        elif width_mask is not None:
+            params = _width_init(model, width_models, width_mask, hp.width, k_init, stacked)
         else:
             params = _models.stacked_init(model)(k_init) if stacked else model.init(k_init)
         params = scale_weights(params, hp.init_scale)
@@ -1054,6 +1173,17 @@ def make_run(spec: RunSpec, *, start: int = 0, stack_mask: bool = False) -> Call
         hp = as_hparams(hp)
         _check_hparams(hp)
         _check_key(key)
+        if width_mask is not None:
+            n = jnp.where(hp.width < 0, model.width.value, hp.width)
+            with _models.active_width(model.width, n):
+                trace = run_body(hp, key, data, init)
+            if "sv" in trace:
+                row = jnp.asarray(sv_counts[-1])
+                for w, counts in zip(width_mask, sv_counts, strict=True):
+                    row = jnp.where(n == w, jnp.asarray(counts), row)
+                past = jnp.arange(trace["sv"].shape[-1])[None, :] >= row[:, None]
+                trace["sv"] = jnp.where(past[None], jnp.nan, trace["sv"])
+            return trace
         if not stack_mask:
             return run_body(hp, key, data, init)
         with _models.active_stack(model.stack, hp.stack_depth):
@@ -1085,6 +1215,11 @@ def make_run(spec: RunSpec, *, start: int = 0, stack_mask: bool = False) -> Call
             invalid = invalid | (hp.stack_depth < -1) | (hp.stack_depth > model.stack.count)
         else:
             invalid = invalid | (hp.stack_depth != -1)
+        if width_mask is not None:
+            known = functools.reduce(jnp.logical_or, [hp.width == w for w in (-1,) + width_mask])
+            invalid = invalid | ~known
+        else:
+            invalid = invalid | (hp.width != -1)
         if epochs_mode:
             invalid = invalid | ((hp.batch_size != 0) & (hp.batch_size != B))
         k_init, k_data = jax.random.split(key)

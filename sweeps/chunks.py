@@ -85,14 +85,18 @@ def chunk_inputs(p: Plan, chunk: Chunk, n_pad: int, n_dev: int, runs=None):
     from dynamics.steps import INT_FIELDS, Hparams
 
     grid_axes = p.res.grid_axes
-    depths = p.groups[chunk.group].stack_depths
-    k_mask = p.axes.index(p.mask_axis) if depths is not None else None
+    group = p.groups[chunk.group]
+    depths, widths = group.stack_depths, group.widths
+    masked = depths is not None or widths is not None
+    k_mask = p.axes.index(p.mask_axis) if masked else None
     ranges = [range(s.start, s.stop) for s in chunk.region]  # static axes: one point each,
     rows = []  # but the masked axis, along which each run takes its point's stack depth
     for idx in itertools.product(*ranges):
         row = {a: p.coords[a][i] for a, i in zip(p.axes, idx, strict=True) if a in grid_axes}
-        if k_mask is not None:
+        if depths is not None:
             row["stack_depth"] = depths[idx[k_mask]]
+        elif widths is not None:
+            row["width"] = widths[idx[k_mask]]
         rows.append(row)
     if runs is not None:
         rows = [rows[i] for i in runs]

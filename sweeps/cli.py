@@ -41,8 +41,8 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="KEY=V[,V...]",
-        help="override a setting or grid axis (also batch_strategy, depth_strategy=auto|mask|program, "
-        "keep_params=true|false|auto)",
+        help="override a setting or grid axis (also batch_strategy, depth_strategy and "
+        "width_strategy=auto|mask|program, keep_params=true|false|auto)",
     )
     r.add_argument("--fresh", action="store_true", help="discard an existing store and start over")
     r.add_argument(
@@ -177,7 +177,9 @@ def dry_run(res, specs, url, chunk) -> int:
     exists = _store.exists(url)
     print(
         f"sweep {res.sweep.name}: {n} runs in {groups} program{'' if groups == 1 else 's'} "
-        f"(batch sizes: {p.strategy}), {len(p.chunks)} chunks of up to {p.chunk_runs} runs"
+        f"(batch sizes: {p.strategy}"
+        + (f"; {p.mask_axis}: {p.mask_kind}s masked" if p.mask_axis is not None else "")
+        + f"), {len(p.chunks)} chunks of up to {p.chunk_runs} runs"
     )
     axes = ", ".join(f"{a}[{len(p.coords[a])}]" for a in p.axes)
     print(f"axes: {axes}; {len(p.steps)} records of {', '.join(p.dims)}"[:400])

@@ -104,6 +104,10 @@ def check(url: str, attrs: dict, res: Resolved, specs: list) -> Growth:
         raise refuse(
             f"depth_strategy {stored.get('depth_strategy', 'auto')} -> {res.depth_strategy}"
         )
+    if stored.get("width_strategy", "auto") != res.width_strategy:
+        raise refuse(
+            f"width_strategy {stored.get('width_strategy', 'auto')} -> {res.width_strategy}"
+        )
     if res.keep_params and not layout.get("keep_state", False):
         raise refuse("keep_params: the store was created without final states")
 

@@ -182,4 +182,6 @@ def layout_attr(p: Plan) -> dict:
     out = {"strategy": p.strategy, "block": p.block, "keep_state": p.keep_state}
     if p.mask_axis is not None:
         out["mask_axis"] = p.mask_axis
+        if p.mask_kind != "depth":
+            out["mask_kind"] = p.mask_kind
     return out

@@ -35,6 +35,9 @@ class Group:
     # with a masked depth axis (`Plan.mask_axis`, index -1 there): each of its points' stack
     # depth (`Hparams.stack_depth`), the group's program the deepest point's
     stack_depths: tuple[int, ...] | None = None
+    # with a masked width axis (`Plan.mask_kind` "width"): each of its points' hidden width
+    # (`Hparams.width`), the group's program the widest point's
+    widths: tuple[int, ...] | None = None
 
     @property
     def static_index(self) -> tuple[int, ...]:
@@ -71,7 +74,8 @@ class Plan:
     )  # static index -> Template
     length: int = 0  # the runs' length: steps, or epochs when the record axis is "epoch"
     float_dtype: str = "float32"  # of the stored observables (float64 with precision float64)
-    mask_axis: str | None = None  # a static depth axis whose points share programs (masked)
+    mask_axis: str | None = None  # a static axis whose points share programs (masked)
+    mask_kind: str = "depth"  # what the masked axis changes: "depth" or "width"
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -137,6 +141,16 @@ def choose_strategy(res: Resolved, specs) -> str:
 # 6.8 s against 11.4 s at 300: compile time saved against run time lost, which grows with the
 # length (set depth_strategy="program" for long runs of very different depths).
 MASK_WASTE_AUTO = 0.5
+
+# "auto" masks a static width axis when at most this share of the widest model's parameters
+# are padding, averaged over the axis: a masked run costs what the widest one does, and the
+# dense layers' time follows their parameters. P9's grid (orthogonal_init, 500 steps) from
+# nothing on 2 CPU cores (`make bench --only width`, docs/bench.json): at widths 64, 96, 128
+# (39% padding) masked 22.4 s compile + 84.7 s run against 41.7 + 52.8 s per width, at 8 ... 128
+# (73%) 27.8 + 119.7 against 58.9 + 41.5: the run time grew like 1 / (1 - padding) while the
+# compile time saved was 19-31 s, so masking pays below about a fifth of padding there (more
+# for shorter runs; set width_strategy="mask" for them).
+WIDTH_WASTE_AUTO = 0.2
 
 
 def _same(a, b) -> bool:
@@ -242,6 +256,88 @@ def choose_mask_axis(res: Resolved, specs, keep: bool) -> str | None:
     return min(found)[1] if found else None
 
 
+def _width_refusal(res: Resolved, specs, axis: str) -> tuple[str | None, float]:
+    """(why the static `axis` cannot share programs by width masking, or None; the share of
+    the widest model's parameters that the runs along it leave at zero when it can)."""
+    import jax
+
+    from dynamics.models import masked_width
+    from dynamics.train import width_refusal
+
+    if len(res.static[axis]) < 2:
+        return f"{axis} has one value", 0.0
+    padded = total = 0
+    for _, positions in _lines(res, specs, axis):
+        line = [specs[i][1] for i in positions]
+        wide = masked_width([s.model for s in line])
+        if wide is None:
+            return f"the models along {axis} differ in more than one hidden width", 0.0
+        for s in line:
+            for f in dataclasses.fields(s):
+                if f.name != "model" and not _same(getattr(s, f.name), getattr(line[0], f.name)):
+                    return f"the points along {axis} differ in {f.name}", 0.0
+        widths = [s.model.width.value for s in line]
+        if len(set(widths)) != len(widths):
+            return f"two points along {axis} have the same width", 0.0
+        why = width_refusal(dataclasses.replace(line[0], model=wide), widths)
+        if why is not None:
+            return why, 0.0
+
+        def size(m):
+            shapes = jax.eval_shape(m.init, jax.random.key(0))
+            return sum(math.prod(a.shape) for a in jax.tree.leaves(shapes))
+
+        full = size(wide)
+        padded += sum(full - size(s.model) for s in line)
+        total += full * len(line)
+    return None, padded / max(total, 1)
+
+
+def choose_width_axis(res: Resolved, specs, keep: bool) -> str | None:
+    """The static axis whose points share programs by width masking (`Sweep.width_strategy`),
+    as `choose_mask_axis` for depths: "auto" masks when at most WIDTH_WASTE_AUTO of the widest
+    model's parameters are padding on average."""
+    strategy = res.width_strategy
+    if strategy == "program" or not res.static_axes:
+        if strategy == "mask":
+            raise SpecError("width_strategy: 'mask' needs a static axis of model widths")
+        return None
+    found, reasons = [], []
+    for axis in res.static_axes:
+        why, waste = _width_refusal(res, specs, axis)
+        if why is None and keep:
+            why = "final states are kept (their shapes follow the width)"
+        if why is None:
+            found.append((waste, axis))
+        else:
+            reasons.append(f"{axis}: {why}")
+    if strategy == "mask":
+        if not found:
+            raise SpecError(f"width_strategy: 'mask' cannot share programs ({'; '.join(reasons)})")
+        return min(found)[1]
+    found = [(w, a) for w, a in found if w <= WIDTH_WASTE_AUTO]
+    return min(found)[1] if found else None
+
+
+def choose_masking(res: Resolved, specs, keep: bool) -> tuple[str | None, str]:
+    """(the static axis whose points share programs, or None; "depth" or "width"): a program
+    masks one axis, the one whose strategy is "mask", else (both "auto") the depth axis."""
+    depth = choose_mask_axis(res, specs, keep)
+    width = choose_width_axis(res, specs, keep)
+    if depth is not None and width is not None:
+        if res.depth_strategy == "mask" and res.width_strategy == "mask":
+            raise SpecError(
+                "width_strategy: 'mask' with depth_strategy 'mask': a program masks one axis "
+                "(set one of them to 'program' or 'auto')"
+            )
+        if res.width_strategy == "mask":
+            return width, "width"
+        return depth, "depth"
+    if width is not None:
+        return width, "width"
+    return depth, "depth"
+
+
 def _block_shape(
     axes: list[str], shape: dict[str, int], fixed: set[str], target: int
 ) -> dict[str, int]:
@@ -289,13 +385,16 @@ def plan(
     keep, templates = _keep_states(res, specs, static_index, layout)
     ns = len(static_axes)
     if layout:
-        mask_axis = layout.get("mask_axis")
+        mask_axis, mask_kind = layout.get("mask_axis"), layout.get("mask_kind", "depth")
     else:
-        mask_axis = choose_mask_axis(res, specs, keep)
-    masked_lines = {}  # position of a line's deepest point -> (index, its points' depths)
+        mask_axis, mask_kind = choose_masking(res, specs, keep)
+    masked_lines = {}  # position of a line's deepest (widest) point -> (index, its points' sizes)
     if mask_axis is not None:
         for idx, positions in _lines(res, specs, mask_axis):
-            counts = tuple(specs[i][1].model.stack.count for i in positions)
+            if mask_kind == "width":
+                counts = tuple(specs[i][1].model.width.value for i in positions)
+            else:
+                counts = tuple(specs[i][1].model.stack.count for i in positions)
             deepest = positions[int(np.argmax(counts))]
             masked_lines[deepest] = (idx, counts)
 
@@ -308,21 +407,22 @@ def plan(
         shapes = jax.eval_shape(spec.model.init, jax.random.key(0))
         n, n_layers = len(shapes), max(n_layers, len(shapes))
         n_sv = max(n_sv, obs.max_singular_values(shapes))
-        depths = None
+        depths = widths = None
         if mask_axis is not None:
             if pos not in masked_lines:
-                continue  # trained by the program of its line's deepest point
-            idx, depths = masked_lines[pos]
+                continue  # trained by the program of its line's deepest (widest) point
+            idx, along = masked_lines[pos]
+            depths, widths = (None, along) if mask_kind == "width" else (along, None)
         spec = dataclasses.replace(spec, keep_state=True) if keep else spec
         if bucket:
             for j, bs in enumerate(bs_values):
                 spec_j = dataclasses.replace(spec, batch=int(bs))
-                groups.append(Group(idx + (j,), point, spec_j, n, ns, depths))
+                groups.append(Group(idx + (j,), point, spec_j, n, ns, depths, widths))
         elif spec.sampling == "full":
-            groups.append(Group(idx, point, spec, n, ns, depths))
+            groups.append(Group(idx, point, spec, n, ns, depths, widths))
         else:
             spec_b = dataclasses.replace(spec, batch=int(max(bs_values)))
-            groups.append(Group(idx, point, spec_b, n, ns, depths))
+            groups.append(Group(idx, point, spec_b, n, ns, depths, widths))
     dims = describe(groups[0].spec)
     sizes = {record_axis: len(steps), "layer": n_layers, "sv_index": n_sv}
     sizes.update(_user_dim_sizes(groups, dims, sizes))
@@ -378,6 +478,7 @@ def plan(
         int(first.epochs if first.epochs is not None else first.steps),
         "float64" if f64 else "float32",
         mask_axis,
+        mask_kind,
     )
 
 

@@ -36,6 +36,7 @@ class Program:
         start: int = 0,
         template=None,
         stack_mask: bool = False,
+        width_mask: tuple[int, ...] | None = None,
     ):
         import jax
         from jax.sharding import NamedSharding
@@ -44,7 +45,7 @@ class Program:
         from dynamics.train import make_run, run_data
         from sweeps import states as _states
 
-        run = make_run(spec, start=start, stack_mask=stack_mask)
+        run = make_run(spec, start=start, stack_mask=stack_mask, width_mask=width_mask)
         if start and template is None:
             raise ValueError("start: continuing runs needs their state template")
 
@@ -219,7 +220,16 @@ def prepare(p: Plan, chunks, mesh, code: str | None = None) -> tuple[list, int]:
             key = None if code is None else program_key(p, group, n_pad, code, start)
             template = p.templates.get(group.static_index) if start else None
             masked = group.stack_depths is not None
-            prog = Program(group.spec, n_pad, mesh, key, start, template, stack_mask=masked)
+            prog = Program(
+                group.spec,
+                n_pad,
+                mesh,
+                key,
+                start,
+                template,
+                stack_mask=masked,
+                width_mask=group.widths,
+            )
             programs[(c.group, start)] = (prog, hp, seeds)
         inputs.append((c, programs[(c.group, start)][0], hp, seeds, n))
     todo = list(programs.values())
@@ -320,6 +330,7 @@ def program_key(p: Plan, group: Group, n_pad: int, code: str | None = None, star
             "point": group.point,
             "batch": group.spec.batch,
             **({"stack_depths": group.stack_depths} if group.stack_depths is not None else {}),
+            **({"widths": group.widths} if group.widths is not None else {}),
             "n_pad": n_pad,
             "devices": [d.device_kind for d in jax.local_devices()],
             "versions": package_versions(),

@@ -46,7 +46,7 @@ from dynamics.steps import HPARAM_FIELDS
 
 # seed, lr, weight_decay, batch_size, momentum, init_scale; stack_depth is the runner's own
 # (a run's depth when runs of several depths share one program, `Sweep.depth_strategy`)
-GRID_AXES = ("seed",) + tuple(f for f in HPARAM_FIELDS if f != "stack_depth")
+GRID_AXES = ("seed",) + tuple(f for f in HPARAM_FIELDS if f not in ("stack_depth", "width"))
 STORE_ORDER = ("seed", "lr", "batch_size", "weight_decay", "momentum", "init_scale")
 INT_AXES = {"seed", "batch_size"}
 BATCH_STRATEGIES = ("auto", "bucket", "mask")
@@ -76,6 +76,10 @@ class Sweep:
     # programs: "mask" (one program at the deepest, each run cut to its depth), "program" (one
     # per depth) or "auto" (masking when it wastes little; `sweeps.plan.choose_mask_axis`).
     depth_strategy: str = "auto"
+    # The same for static points whose models differ only in their hidden width
+    # (`dynamics.models.Width`): one program at the widest, each run at its width, or one per
+    # width (`sweeps.plan.choose_mask_axis`). A program masks one axis, depth or width.
+    width_strategy: str = "auto"
     # Final run states (parameters, optimizer and model state) kept in the store: True, False,
     # or None (kept when they total at most `sweeps.plan.KEEP_STATE_AUTO_BYTES`).
     keep_params: bool | None = None
@@ -93,6 +97,7 @@ class Resolved:
     batch_strategy: str
     keep_params: bool | None = None
     depth_strategy: str = "auto"
+    width_strategy: str = "auto"
 
     @property
     def static_axes(self) -> list[str]:
@@ -147,6 +152,7 @@ class Resolved:
             "grid": self.grid,
             "batch_strategy": self.batch_strategy,
             "depth_strategy": self.depth_strategy,
+            "width_strategy": self.width_strategy,
             "keep_params": self.keep_params,
         }
 
@@ -350,6 +356,7 @@ def resolve(sweep: Sweep, overrides: Sequence[tuple[str, str]] = ()) -> Resolved
             raise SpecError(f"static: {k!r} must also be a key of settings (its default)")
     batch_strategy = sweep.batch_strategy
     depth_strategy = sweep.depth_strategy
+    width_strategy = sweep.width_strategy
     keep_params = sweep.keep_params
     declared = set(sweep.static)
     overrides = list(overrides)
@@ -372,11 +379,21 @@ def resolve(sweep: Sweep, overrides: Sequence[tuple[str, str]] = ()) -> Resolved
                 batch_strategy = v
             elif k == "depth_strategy":
                 depth_strategy = v
+            elif k == "width_strategy":
+                width_strategy = v
             elif k == "keep_params":
                 keep_params = v
             else:
                 raise SpecError(f"scales.{scale}: unknown key {k!r}")
-    known = [*GRID_AXES, *settings, "scale", "batch_strategy", "depth_strategy", "keep_params"]
+    known = [
+        *GRID_AXES,
+        *settings,
+        "scale",
+        "batch_strategy",
+        "depth_strategy",
+        "width_strategy",
+        "keep_params",
+    ]
     for k, text in overrides:
         if k == "scale":
             continue
@@ -384,6 +401,8 @@ def resolve(sweep: Sweep, overrides: Sequence[tuple[str, str]] = ()) -> Resolved
             batch_strategy = text.strip()
         elif k == "depth_strategy":
             depth_strategy = text.strip()
+        elif k == "width_strategy":
+            width_strategy = text.strip()
         elif k == "keep_params":
             t = text.strip().lower()
             if t not in (*KEEP_CHOICES, "auto", "none"):
@@ -414,6 +433,10 @@ def resolve(sweep: Sweep, overrides: Sequence[tuple[str, str]] = ()) -> Resolved
         raise SpecError(
             f"depth_strategy: must be one of {DEPTH_STRATEGIES}, got {depth_strategy!r}"
         )
+    if width_strategy not in DEPTH_STRATEGIES:
+        raise SpecError(
+            f"width_strategy: must be one of {DEPTH_STRATEGIES}, got {width_strategy!r}"
+        )
     for k in static:
         settings.pop(k, None)
     grid.setdefault("seed", [0])
@@ -428,7 +451,15 @@ def resolve(sweep: Sweep, overrides: Sequence[tuple[str, str]] = ()) -> Resolved
         if len(set(map(repr, v))) != len(v):
             raise SpecError(f"{k}: repeated values {v}")
     return Resolved(
-        sweep, settings, static, full, scale, batch_strategy, keep_params, depth_strategy
+        sweep,
+        settings,
+        static,
+        full,
+        scale,
+        batch_strategy,
+        keep_params,
+        depth_strategy,
+        width_strategy,
     )
 
 

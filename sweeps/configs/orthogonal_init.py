@@ -27,17 +27,17 @@ seeds of the init (one data set, data_seed 0, as their "fixed synthetic dataset"
 (the bound at this data reaches 1e-3 of loss_0 in about 250), recorded every 10. Their number
 of steps is not stated in what we read.
 
-Programs: init x depth x width are static axes, 50 programs of 3 runs each. `hu_linear`'s
-middle layers are one `lax.scan`, but its params stay one leaf per layer (the list contract) and
-the program's per-leaf parts (the init's outputs, gradients, updates) grow with depth, so compile
-time does too: one program of width 16, 2 seeds, measured 3.7 s at depth 8 and 13.7 s at depth
-128 (the same with keep_params=false; jitting the init alone: 1.4 s vs 4.0 s). One program per
-width with depth masked is not possible with the runner today (depth is not a traced axis).
-Measured on the shared 2-core machine (2 simulated CPU devices, load ~5-7 from other jobs),
-cold compilation cache: compile 457 s (50 programs), run 80 s (150 runs, 1.9 runs/s), 9 min 5 s
-wall; warm cache (through `python -m figures orthogonal_init`): compile 45 s, run 82 s, 2 min
-17 s wall with the figure. 5 Gaussian runs diverge (widths 32 and 64 at depths 32-128: the
-theorem's step size is too large for them).
+Programs: init x depth x width are static axes, 50 programs of 3 runs each. Depth cannot be
+masked (`hu_linear` draws its layers from split(key, depth), so no `models.Stack`); widths can
+(`hu_linear` has a `models.Width`: `--set width_strategy=mask`, 10 programs), but "auto" keeps
+one program per width: at widths 8 ... 128, 73% of the widest model's parameters would be
+padding. Measured from nothing on the shared 2-core machine (2026-12-05, empty cache, new
+process each): one program per width compile 58.7 s (50 programs) + run 41.5 s; widths masked
+32.5 s (10 programs) + 126.0 s. The two stores agree to float rounding where the runs are not
+chaotic (depth 2: loss within 2e-7 of loss_0); the Gaussian runs at depths >= 32 and the narrow
+orthogonal ones at depth 128 amplify rounding at the theorem's step size (changing lr by one
+float32 ulp moves their losses as much: up to 0.3 x loss_0), and the depth-128 width-8
+orthogonal worst seed sits at the figure's 1e-3 threshold (5.0e-4 masked, 1.5e-3 per width).
 
 `--set scale=paper`: d_x = 1024, n = 16, d_y = 10, widths {10, 30, 100, 300, 1000}, depths
 {1, 10, 50, 100, 200, 400, 700}, 5 seeds, 2000 steps (a GPU job; the widths and depths are

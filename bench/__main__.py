@@ -3,7 +3,7 @@
 Everything is measured in this one process (except the warm-cache compile, which needs a new
 process), on sweeps/configs/reference.py (the dense grid: 256 runs of an MLP) and
 sweeps/configs/reference_conv.py (the conv grid: 256 runs of a 4-layer CNN); --scale N
-multiplies the seeds of both, --only dense|conv|depth|cold measures one part:
+multiplies the seeds of both, --only dense|conv|depth|cold|width measures one part:
 
   runs/s        the vectorized sweep (all chunks, after compilation) and a loop of single
                 jitted runs over the same grid, and their ratio (the loop against the
@@ -30,6 +30,10 @@ multiplies the seeds of both, --only dense|conv|depth|cold measures one part:
                 compile and run seconds, one program per depth against the depths masked into
                 one program (depth_strategy), at 3000 and 300 steps, and with shifted taps, the
                 convolution chosen there before XLA's was measured faster (--only cold).
+  width         P9's grid (sweeps/configs/orthogonal_init.py: 2 inits x 5 depths x widths)
+                the same way: one program per width against the widths masked into one program
+                per depth (width_strategy), at its widths 8-128 and at 64, 96, 128
+                (--only width).
 
 The conv grid reports the same figures (under "conv" in the JSON, with its targets as
 conv.fraction_of_peak, conv.vectorized_over_loop, conv.observables_overhead), except that its
@@ -79,7 +83,7 @@ def _parse(argv):
     p.add_argument("--out", default=str(ROOT / "bench" / "out"))
     p.add_argument("--skip-loop", action="store_true", help="skip the loops of single runs")
     p.add_argument(
-        "--only", choices=("dense", "conv", "depth", "cold"), help="measure one part only"
+        "--only", choices=("dense", "conv", "depth", "cold", "width"), help="measure one part only"
     )
     p.add_argument(
         "--conv-set",
@@ -587,6 +591,19 @@ COLD_VARIANTS = {
 }
 
 
+WIDTH_SWEEP = "orthogonal_init"  # P9: 2 inits x 5 depths x 5 widths, 150 runs
+# variant -> (environment, --set overrides): one program per width and the widths masked into
+# one program per depth and init, at the sweep's widths (8 ... 128: "auto" keeps programs, 73%
+# of the widest's parameters are padding on average) and at three near widths (39% padding),
+# which set "auto"'s threshold (`sweeps.plan.WIDTH_WASTE_AUTO`)
+WIDTH_VARIANTS = {
+    "widths 8-128, programs": ({}, ("width_strategy=program",)),
+    "widths 8-128, masked": ({}, ("width_strategy=mask",)),
+    "widths 64-128, programs": ({}, ("width_strategy=program", "width=64,96,128")),
+    "widths 64-128, masked": ({}, ("width_strategy=mask", "width=64,96,128")),
+}
+
+
 def sweep_cold(sweep: str = COLD_SWEEP, variants=None) -> dict:
     """The sweep as a user runs it from nothing: `python -m sweeps run` in a new process with an
     empty persistent cache, once per variant of `variants` (COLD_VARIANTS: name -> (environment,
@@ -600,16 +617,16 @@ def sweep_cold(sweep: str = COLD_SWEEP, variants=None) -> dict:
     return out
 
 
-def _print_cold_table(d: dict) -> None:
-    print(f"{d['sweep']} from nothing (new process, empty cache; target: compile < 5 s)")
+def _print_cold_table(d: dict, target: str = "; target: compile < 5 s") -> None:
+    print(f"{d['sweep']} from nothing (new process, empty cache{target})")
     for name, row in d.items():
         if name == "sweep":
             continue
         if "error" in row:
-            print(f"  {name:<20} failed: {row['error']}")
+            print(f"  {name:<24} failed: {row['error']}")
             continue
         print(
-            f"  {name:<20} compile {row['compile_seconds']:6.2f} s ({row['programs']} programs), "
+            f"  {name:<24} compile {row['compile_seconds']:6.2f} s ({row['programs']} programs), "
             f"run {row['run_seconds']:6.2f} s, total {row['compile_seconds'] + row['run_seconds']:6.2f}"
             f" s, process {row['process_wall_seconds']:6.2f} s"
         )
@@ -959,6 +976,8 @@ def main(argv=None) -> int:
         report["depth_compile"] = depth_compile()
     if args.only in (None, "cold"):
         report["sweep_cold"] = sweep_cold()
+    if args.only in (None, "width"):
+        report["sweep_width"] = sweep_cold(WIDTH_SWEEP, WIDTH_VARIANTS)
 
     report["xla_compilations_total"] = counter.count
     report["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -978,6 +997,8 @@ def main(argv=None) -> int:
         _print_depth_table(report["depth_compile"])
     if "sweep_cold" in report:
         _print_cold_table(report["sweep_cold"])
+    if "sweep_width" in report:
+        _print_cold_table(report["sweep_width"], "")
     print(f"[bench] wrote {path}")
     if args.readme:
         saved = save_figures(report, ROOT / "docs" / "bench.json")
@@ -988,7 +1009,7 @@ def main(argv=None) -> int:
 
 # --------------------------------------------------------------------------- README table
 
-PARTS = ("dense", "conv", "depth", "cold")
+PARTS = ("dense", "conv", "depth", "cold", "width")
 
 
 def _part_figures(report: dict, part: str) -> dict | None:
@@ -1019,6 +1040,8 @@ def _part_figures(report: dict, part: str) -> dict | None:
         return dict(meta, ratios=report["depth_compile"])
     if part == "cold" and "sweep_cold" in report:
         return dict(meta, **report["sweep_cold"])
+    if part == "width" and "sweep_width" in report:
+        return dict(meta, **report["sweep_width"])
     return None
 
 
@@ -1070,15 +1093,17 @@ def readme_table(saved: dict) -> str:
                     f"| depth 10 -> 100, {model}, {how} | compile time ratio | "
                     f"{row['ratio']:.2f}x | {target} | {where(fig)} |"
                 )
-    fig = saved.get("cold")
-    if fig is not None:
+    for part, target in (("cold", "compile < 5 s"), ("width", "-")):
+        fig = saved.get(part)
+        if fig is None:
+            continue
         for name, row in fig.items():
             if not isinstance(row, dict) or "compile_seconds" not in row:
                 continue
             rows.append(
                 f"| {fig['sweep']} from nothing, {name} | compile + run, {row['programs']} "
                 f"programs | {row['compile_seconds']:.1f} s + {row['run_seconds']:.1f} s | "
-                f"compile < 5 s | {where(fig)} |"
+                f"{target} | {where(fig)} |"
             )
     return "\n".join(rows)
 

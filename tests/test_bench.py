@@ -73,6 +73,20 @@ def test_readme_table_keeps_each_parts_latest_figures(tmp_path):
         in table
     )
     assert "masked" not in table  # a failed measurement gives no row
+    width = {
+        "device": dev,
+        "sweep_width": {
+            "sweep": "orthogonal_init",
+            "widths 64-128, masked": {"compile_seconds": 9.5, "run_seconds": 30.0, "programs": 10},
+        },
+    }
+    saved = save_figures(width, store)
+    assert set(saved) == {"conv", "depth", "cold", "width"}
+    table = readme_table(saved)
+    assert (
+        "| orthogonal_init from nothing, widths 64-128, masked | compile + run, 10 programs "
+        "| 9.5 s + 30.0 s | - |" in table
+    )
     readme = tmp_path / "README.md"
     readme.write_text("a\n<!-- bench -->\nold\n<!-- /bench -->\nb\n")
     update_readme(readme, table)

@@ -147,8 +147,8 @@ MASK_WASTE_AUTO = 0.5
 # dense layers' time follows their parameters. P9's grid (orthogonal_init, 500 steps) from
 # nothing on 2 CPU cores (`make bench --only width`, docs/bench.json): at widths 64, 96, 128
 # (39% padding) masked 22.4 s compile + 84.7 s run against 41.7 + 52.8 s per width, at 8 ... 128
-# (73%) 27.8 + 119.7 against 58.9 + 41.5: the run time grew like 1 / (1 - padding) while the
-# compile time saved was 19-31 s, so masking pays below about a fifth of padding there (more
+# (73%) 27.8 + 119.7 against 58.9 + 41.5: the run time grew with the padding (1.6x, 2.9x) while
+# the compile time saved was 19-31 s, so masking pays below about a fifth of padding there (more
 # for shorter runs; set width_strategy="mask" for them).
 WIDTH_WASTE_AUTO = 0.2
 
